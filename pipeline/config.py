@@ -42,7 +42,8 @@ class SynthConfig:
     seed: int = 0
     train_per_task: int = 192
     test_per_task: int = 48
-    pretrain_records: int = 3000
+    pretrain_records: int = 1000  # generic pre-training records (captions, generic QA)
+    pretrain_skill_per_task: int = 400  # pre-training skill records per task (see pipeline/data/synth_pretrain.py)
 
 
 @dataclass

@@ -27,7 +27,8 @@ def run_data_stage(cfg: ExperimentConfig, stage_dir: Path, log: Callable[[str], 
 
         s = cfg.data.synth
         spec = SynthSpec(seed=s.seed, image_size=cfg.model.image_size, train_per_task=s.train_per_task,
-                         test_per_task=s.test_per_task, pretrain_records=s.pretrain_records)
+                         test_per_task=s.test_per_task, pretrain_records=s.pretrain_records,
+                         pretrain_skill_per_task=s.pretrain_skill_per_task)
         gen = generate_benchmark(Path(synth_root(cfg)), spec)
         how = "reused" if gen["reused"] else f"generated in {gen['seconds']}s"
         log(f"  CoIN-synth at {gen['root']} ({how})")

@@ -24,11 +24,13 @@ from pipeline.data.synth import (
     SynthSpecMismatch,
     benchmark_texts,
     generate_benchmark,
+    pretrain_records,
 )
+from pipeline.data.synth_pretrain import SKILL_TASKS
 from pipeline.data.synth_render import COLORS
 from pipeline.data.synth_tasks import IMAGENET_CLASSES, UNANSWERABLE
 
-SPEC = SynthSpec(seed=3, train_per_task=48, test_per_task=16, pretrain_records=80)
+SPEC = SynthSpec(seed=3, train_per_task=48, test_per_task=16, pretrain_records=80, pretrain_skill_per_task=12)
 BOX = re.compile(r"^\[(\d\.\d\d), (\d\.\d\d), (\d\.\d\d), (\d\.\d\d)\]$")
 
 
@@ -61,16 +63,16 @@ def test_same_seed_gives_byte_identical_files(bench, tmp_path):
 
 def test_same_bytes_in_another_process_with_another_hash_seed(tmp_path):
     """Nothing may depend on set/dict hash order or on the process (CLI run, PYTHONHASHSEED=7)."""
-    args = ["--seed", "9", "--train-per-task", "5", "--test-per-task", "5", "--pretrain-records", "10"]
+    args = ["--seed", "9", "--train-per-task", "5", "--test-per-task", "5", "--pretrain-records", "10", "--pretrain-skill-per-task", "2"]
     env = {**os.environ, "PYTHONHASHSEED": "7", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run([sys.executable, "-m", "pipeline.data.synth", str(tmp_path / "cli"), *args],
                    check=True, env=env, capture_output=True)
-    generate_benchmark(tmp_path / "here", SynthSpec(seed=9, train_per_task=5, test_per_task=5, pretrain_records=10))
+    generate_benchmark(tmp_path / "here", SynthSpec(seed=9, train_per_task=5, test_per_task=5, pretrain_records=10, pretrain_skill_per_task=2))
     assert tree_hashes(tmp_path / "cli") == tree_hashes(tmp_path / "here")
 
 
 def test_different_seed_gives_different_files(tmp_path):
-    small = dict(train_per_task=6, test_per_task=6, pretrain_records=20)
+    small = dict(train_per_task=6, test_per_task=6, pretrain_records=20, pretrain_skill_per_task=2)
     generate_benchmark(tmp_path / "a", SynthSpec(seed=0, **small))
     generate_benchmark(tmp_path / "c", SynthSpec(seed=1, **small))
     a, c = tree_hashes(tmp_path / "a"), tree_hashes(tmp_path / "c")
@@ -93,20 +95,20 @@ def test_layout_counts_and_images(bench):
                 assert rec["image"] == f"{task}/{split}/{rec.get('id', rec.get('question_id'))}.png"
                 assert (bench / "images" / rec["image"]).is_file()
     pre = json.loads((bench / "pretrain" / "train.json").read_text())
-    assert len(pre) == SPEC.pretrain_records
+    assert len(pre) == pretrain_records(SPEC) == SPEC.pretrain_records + len(SKILL_TASKS) * SPEC.pretrain_skill_per_task
     assert all((bench / "images" / r["image"]).is_file() for r in pre)
     with Image.open(bench / "images" / pre[0]["image"]) as im:
         assert im.mode == "RGB" and im.size == (SPEC.image_size, SPEC.image_size)
     images = list((bench / "images").rglob("*.png"))
-    assert len(images) == len(COIN_TASKS) * (SPEC.train_per_task + SPEC.test_per_task) + SPEC.pretrain_records
+    assert len(images) == len(COIN_TASKS) * (SPEC.train_per_task + SPEC.test_per_task) + len(pre)
 
 
 def test_summary_reports_counts_chance_and_vocab(tmp_path):
-    spec = SynthSpec(seed=1, train_per_task=2, test_per_task=24, pretrain_records=4)
+    spec = SynthSpec(seed=1, train_per_task=2, test_per_task=24, pretrain_records=4, pretrain_skill_per_task=1)
     s = generate_benchmark(tmp_path, spec)
     assert not s["reused"]
     assert s["counts"]["GQA"]["test"]["records"] == 24
-    assert s["pretrain"]["records"] == 4
+    assert s["pretrain"]["records"] == 4 + len(SKILL_TASKS)
     assert Path(s["instructions_root"]).name == "Instructions_Original"
     for task in COIN_TASKS:
         assert 0.0 < s["chance"][task] < 0.5, task
@@ -264,28 +266,31 @@ def test_grounding_boxes_at_64_pixels(tmp_path):
 # ---- pre-training corpus --------------------------------------------------------------------
 
 
-def test_pretrain_never_uses_task_instructions_or_templates(bench):
+def test_pretrain_teaches_skills_but_never_coin_instructions_or_boxes(bench):
     pre = json.loads((bench / "pretrain" / "train.json").read_text())
     suffix_lines = {line for s in INSTRUCTION_SUFFIXES.values() for line in s.split("\n")}
-    task_questions = set()
-    for task in COIN_TASKS:
-        for rec in load(bench, task, "train"):
-            for t in rec["conversations"][0::2]:
-                task_questions.add(t["value"].replace(IMAGE_TOKEN + "\n", "").split("\n")[0])
+    test_texts = {rec["text"] for task in COIN_TASKS for rec in load(bench, task, "test")}
+    train_images = {rec["image"] for task in COIN_TASKS for split in ("train", "test") for rec in load(bench, task, split)}
     answers = Counter()
     for rec in pre:
         conv = rec["conversations"]
         assert conv[0]["value"].startswith(IMAGE_TOKEN + "\n")
+        assert rec["image"].startswith("pretrain/") and rec["image"] not in train_images
         for human in conv[0::2]:
-            text = human["value"]
+            text = human["value"].replace(IMAGE_TOKEN + "\n", "")
+            # CoIN's instruction texts are met first in continual tuning
             assert not any(line in text for line in suffix_lines), text
-            assert text.replace(IMAGE_TOKEN + "\n", "") not in task_questions, text
+            assert text not in test_texts, text
         answers.update(t["value"] for t in conv[1::2])
-    # no task-only conventions: option letters, boxes, class names, "unanswerable"
-    assert not set(answers) & ({"A", "B", "C", "D", UNANSWERABLE} | set(IMAGENET_CLASSES))
+    # Grounding's box format is never taught
     assert not any(a.startswith("[") for a in answers)
-    # but answers that overlap the tasks' (colours, counts, yes/no) are there
+    assert not any(r["id"].startswith("pretrain_grounding") for r in pre)
+    # the skill records carry the tasks' answer conventions (letters, class names, "unanswerable")
+    assert {"A", "B", "C"} <= set(answers) and set(IMAGENET_CLASSES) & set(answers) and UNANSWERABLE in answers
     assert set(COLORS) & set(answers) and {"yes", "no"} <= set(answers)
+    per_task = Counter(r["id"].rsplit("_", 1)[0] for r in pre)
+    for task in SKILL_TASKS:
+        assert per_task[f"pretrain_{task.lower()}"] == SPEC.pretrain_skill_per_task
 
 
 def test_benchmark_texts_cover_questions_and_answers(bench):
@@ -316,7 +321,7 @@ def test_different_spec_in_same_dir_raises_naming_it(bench):
 
 
 def test_damaged_benchmark_is_regenerated(tmp_path):
-    spec = SynthSpec(seed=2, train_per_task=4, test_per_task=4, pretrain_records=4)
+    spec = SynthSpec(seed=2, train_per_task=4, test_per_task=4, pretrain_records=4, pretrain_skill_per_task=2)
     generate_benchmark(tmp_path, spec)
     before = tree_hashes(tmp_path)
     (tmp_path / "images" / "GQA" / "test" / "gqa_test_00001.png").unlink()

@@ -48,6 +48,7 @@ TINY = [
     "data.synth.train_per_task=32",
     "data.synth.test_per_task=16",
     "data.synth.pretrain_records=200",
+    "data.synth.pretrain_skill_per_task=20",
     "model.pretrain.lmm_steps=20",
     "model.pretrain.guide_steps=10",
     "train.epochs=1",

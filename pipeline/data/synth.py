@@ -34,7 +34,7 @@ from typing import Iterator
 import numpy as np
 
 from .schema import COIN_TASKS, IMAGE_TOKEN, TASK_FILES
-from .synth_pretrain import pretrain_sample
+from .synth_pretrain import SKILL_TASKS, pretrain_sample, skill_sample
 from .synth_render import png_bytes, unit
 from .synth_tasks import INSTRUCTION_SUFFIXES, TASKS, Sample
 
@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 # Bump when the generated content changes, so an old directory is not mistaken for a new one.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 INSTRUCTIONS_DIR = "Instructions_Original"
 IMAGES_DIR = "images"
 PRETRAIN_FILE = "pretrain/train.json"
@@ -63,7 +63,8 @@ class SynthSpec:
     image_size: int = 32
     train_per_task: int = 192
     test_per_task: int = 48
-    pretrain_records: int = 3000
+    pretrain_records: int = 1000  # generic records (captions, generic QA)
+    pretrain_skill_per_task: int = 400  # skill records per task in SKILL_TASKS
     tasks: tuple = COIN_TASKS
 
     def __post_init__(self) -> None:
@@ -72,7 +73,7 @@ class SynthSpec:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown CoIN-synth task(s) {unknown}; known: {list(TASKS)}")
-        for name in ("train_per_task", "test_per_task", "pretrain_records"):
+        for name in ("train_per_task", "test_per_task", "pretrain_records", "pretrain_skill_per_task"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
 
@@ -201,8 +202,21 @@ def _generate_pretrain(w: _Writer, spec: SynthSpec) -> int:
         image = f"pretrain/{rid}.png"
         w.write(f"{IMAGES_DIR}/{image}", png_bytes(canvas))
         records.append(_train_record(rid, image, turns, prompt=None))
+    for task in (t for t in SKILL_TASKS if t in spec.tasks):
+        rng = _rng(spec.seed, f"pretrain-skill/{task}")  # never a train/test stream
+        for i in range(spec.pretrain_skill_per_task):
+            canvas, turns = skill_sample(rng, task, spec.image_size)
+            rid = f"pretrain_{task.lower()}_{i:05d}"
+            image = f"pretrain/{rid}.png"
+            w.write(f"{IMAGES_DIR}/{image}", png_bytes(canvas))
+            records.append(_train_record(rid, image, turns, prompt=None))
     w.write_json(PRETRAIN_FILE, records)
     return sum(len(r["conversations"]) // 2 for r in records)
+
+
+def pretrain_records(spec: SynthSpec) -> int:
+    """Records in the pre-training corpus: generic + skill records."""
+    return spec.pretrain_records + spec.pretrain_skill_per_task * sum(t in spec.tasks for t in SKILL_TASKS)
 
 
 def _existing(out_root: Path) -> dict | None:
@@ -268,7 +282,7 @@ def generate_benchmark(out_root: Path, spec: SynthSpec = SynthSpec()) -> dict:
         w.close()
     summary = {  # stored in SPEC.json: nothing here may depend on the directory or the clock
         "counts": counts,
-        "pretrain": {"records": spec.pretrain_records, "turns": pretrain_turns},
+        "pretrain": {"records": pretrain_records(spec), "turns": pretrain_turns},
         "chance": {t: v["chance"] for t, v in stats.items()},
         "majority": {t: v["majority"] for t, v in stats.items()},
         "answer_vocab": {t: v["answer_vocab"] for t, v in stats.items()},
@@ -318,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_root", type=Path)
     defaults = SynthSpec()
-    for name in ("seed", "image_size", "train_per_task", "test_per_task", "pretrain_records"):
+    for name in ("seed", "image_size", "train_per_task", "test_per_task", "pretrain_records", "pretrain_skill_per_task"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--tasks", nargs="+", default=list(defaults.tasks))
     args = vars(parser.parse_args(argv))

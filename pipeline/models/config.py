@@ -84,7 +84,7 @@ class TinySpec:
 class PretrainSpec:
     """Pre-training of the tiny default (LMM by language modelling, CLIP contrastively)."""
 
-    lmm_steps: int = 600
+    lmm_steps: int = 1200  # the corpus carries seven skills (synth_pretrain.py): 600 steps left them unlearned
     guide_steps: int = 500
     batch_size: int = 32
     lr: float = 1e-3
