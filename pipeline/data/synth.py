@@ -4,7 +4,8 @@ The embedded default of the pipeline trains a tiny LLaVA on this instead of the 
 the whole continual run (pre-train, then eight tasks) takes minutes on a laptop. The eight tasks
 mirror CoIN's skills and answer formats on one shared visual world (see ``synth_tasks``); the
 pre-training corpus (``synth_pretrain``) teaches the base model that world and seven tasks' visual
-skills in its own phrasing, never the tasks' CoIN instructions or Grounding's boxes. Layout written by :func:`generate_benchmark`::
+skills in its own phrasing, never the tasks' CoIN instructions or Grounding's boxes.
+Layout written by :func:`generate_benchmark`::
 
     out_root/
       Instructions_Original/<Task>/train.json      (LLaVA train format)

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import synth_render as R
 from .synth_render import COLORS, SHAPES, Obj, pick
-from .synth_tasks import LABELS, WORDS
+from .synth_tasks import LABELS, TASKS, WORDS
 
 COLOR_NAMES = tuple(COLORS)
 EXTRA_WORDS = ("sun", "cat", "dog", "home", "book", "road", "city", "art", "news", "map")
@@ -122,8 +122,6 @@ OBJECT_QUESTIONS = ("What object is this?", "Name the object in the picture.", "
 def skill_sample(rng: np.random.Generator, task: str, size: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """One skill record of ``task``: the task generator's image and QA turns, each question followed
     by a reply hint with probability ``P_HINT`` (a letter hint for ScienceQA)."""
-    from .synth_tasks import TASKS
-
     if task not in SKILL_TASKS:
         raise ValueError(f"no pre-training skill records for {task!r}; skill tasks: {SKILL_TASKS}")
     sample = TASKS[task].generate(rng, size, True)
