@@ -89,7 +89,7 @@ def run_evaluate_stage(
             "threads": cfg.train.torch_threads,
         },
         batch_size=cfg.eval.batch_size,
-        concurrency=cfg.eval.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=cfg.eval.concurrency),  # `concurrency=` is deprecated
         **resources,
     )
     rows = predicted.take_all()
