@@ -3,6 +3,7 @@ pre-trained base models: trained once for the embedded default, given paths for 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -25,10 +26,8 @@ def run_data_stage(cfg: ExperimentConfig, stage_dir: Path, log: Callable[[str], 
     if cfg.data.source == "synth":
         from pipeline.data.synth import SynthSpec, generate_benchmark
 
-        s = cfg.data.synth
-        spec = SynthSpec(seed=s.seed, image_size=cfg.model.image_size, train_per_task=s.train_per_task,
-                         test_per_task=s.test_per_task, pretrain_records=s.pretrain_records,
-                         pretrain_skill_per_task=s.pretrain_skill_per_task)
+        # data.synth's fields are SynthSpec's (less image_size, which the model config decides)
+        spec = SynthSpec(image_size=cfg.model.image_size, **dataclasses.asdict(cfg.data.synth))
         gen = generate_benchmark(Path(synth_root(cfg)), spec)
         how = "reused" if gen["reused"] else f"generated in {gen['seconds']}s"
         log(f"  CoIN-synth at {gen['root']} ({how})")

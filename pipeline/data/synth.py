@@ -195,22 +195,20 @@ def _task_stats(test_chances: list[float], test_answers: list[str], all_answers:
 
 
 def _generate_pretrain(w: _Writer, spec: SynthSpec) -> int:
-    rng = _rng(spec.seed, "pretrain")
     records = []
-    for i in range(spec.pretrain_records):
-        canvas, turns = pretrain_sample(rng, spec.image_size)
-        rid = f"pretrain_{i:05d}"
+
+    def add(rid: str, canvas: np.ndarray, turns: list[tuple[str, str]]) -> None:
         image = f"pretrain/{rid}.png"
         w.write(f"{IMAGES_DIR}/{image}", png_bytes(canvas))
         records.append(_train_record(rid, image, turns, prompt=None))
+
+    rng = _rng(spec.seed, "pretrain")
+    for i in range(spec.pretrain_records):
+        add(f"pretrain_{i:05d}", *pretrain_sample(rng, spec.image_size))
     for task in (t for t in SKILL_TASKS if t in spec.tasks):
         rng = _rng(spec.seed, f"pretrain-skill/{task}")  # never a train/test stream
         for i in range(spec.pretrain_skill_per_task):
-            canvas, turns = skill_sample(rng, task, spec.image_size)
-            rid = f"pretrain_{task.lower()}_{i:05d}"
-            image = f"pretrain/{rid}.png"
-            w.write(f"{IMAGES_DIR}/{image}", png_bytes(canvas))
-            records.append(_train_record(rid, image, turns, prompt=None))
+            add(f"pretrain_{task.lower()}_{i:05d}", *skill_sample(rng, task, spec.image_size))
     w.write_json(PRETRAIN_FILE, records)
     return sum(len(r["conversations"]) // 2 for r in records)
 
