@@ -13,8 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	# DeepSpeed JIT-builds its CPU shared-memory comm op (ninja) the first time a process group
 	# starts on a CPU machine (minutes, once); build it here so the first training stage doesn't.
-	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(PY) -c \
-	  "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" >/dev/null 2>&1 || true
+	# Same build folder and ninja as the pipeline and the tests (pipeline/process_env.py).
+	$(PY) -c "from pipeline.process_env import setup_process_env; setup_process_env(); \
+	  from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" >/dev/null 2>&1 || true
 	touch $@
 
 run: setup

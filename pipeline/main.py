@@ -20,6 +20,8 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
+from pipeline.process_env import setup_process_env  # noqa: E402
+
 SUBCOMMANDS = ("run", "metrics", "score", "check-data", "tune")
 
 
@@ -80,11 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
-    # DeepSpeed JIT-builds a CPU op into this folder; one per virtualenv, so that two checkouts
-    # never rebuild each other's build (``make setup`` prebuilds into the same place).
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the pipeline downloads weights
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # nothing downloads weights; DeepSpeed's CPU op: one build folder and one ninja per virtualenv
+    # (``make setup`` prebuilds it into the same place)
+    setup_process_env()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -3,7 +3,6 @@ number of CPUs and a small object store (as Ray's own train examples do)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -13,11 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Nothing in the tests may reach a model hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Same per-virtualenv DeepSpeed op build folder as pipeline/main.py and `make setup`.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+from pipeline.process_env import setup_process_env  # noqa: E402
+
+# Nothing in the tests may reach a model hub; the same DeepSpeed op build folder and ninja as
+# pipeline/main.py and `make setup`.
+setup_process_env()
 
 
 @pytest.fixture(scope="session")

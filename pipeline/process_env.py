@@ -1,0 +1,26 @@
+"""Process environment shared by the entry point, the tests and ``make setup``: nothing reaches a
+model hub, and DeepSpeed's JIT-built CPU op has one build folder and one ninja per virtualenv."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def setup_process_env() -> None:
+    """Set (or keep the user's) HF offline switches and TORCH_EXTENSIONS_DIR, and put this
+    interpreter's bin/ first on PATH. Ray workers of an in-process Ray inherit all of it.
+
+    PATH: torch builds extensions with the first ``ninja`` on PATH. The virtualenv's pip ``ninja``
+    (1.13) and a system ninja (e.g. 1.11) hash build commands differently, so each takes the
+    other's build for a changed command and rebuilds DeepSpeed's shared-memory op (about 50 s on 2
+    cores) whenever the process that loads it found the other one first (measured: an activated
+    virtualenv rebuilt what ``make setup`` had built)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if path[:1] != [bin_dir]:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *[p for p in path if p != bin_dir]])
