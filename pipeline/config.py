@@ -106,10 +106,18 @@ class TrackingConfig:
 
 @dataclass
 class ResourcesConfig:
-    """How the driver starts Ray when no cluster is running (local, in-process)."""
+    """How the run uses Ray's resources; nothing here changes a run's results (so these keys are
+    not part of the run's fingerprint)."""
 
+    # The local, in-process Ray started when no cluster is running:
     num_cpus: int | None = None
     object_store_mb: int = 400
+    # Run evaluate(t) in the background, beside train(t+1) (it depends on freeze(t) only). Used only
+    # where the cluster has room for both stages plus a decode task; otherwise stages run one by one.
+    overlap_evaluate: bool = True
+    # CPUs each Ray Data image-decode task reserves (a fraction leaves room beside the Train workers
+    # and the inference actors on small machines).
+    decode_cpus: float = 0.5
 
 
 @dataclass
@@ -172,6 +180,8 @@ class ExperimentConfig:
                 raise ConfigError(f"train.{key}: must be >= 1")
         if self.eval.batch_size < 1 or self.eval.concurrency < 1:
             raise ConfigError("eval.batch_size and eval.concurrency must be >= 1")
+        if not self.resources.decode_cpus > 0:
+            raise ConfigError("resources.decode_cpus: must be > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,5 +1,5 @@
 """The stage DAG: an explicit list of stages with dependencies, printed by ``--dry-run`` and
-executed in order by ``run_dag``.
+executed by ``execute`` (in list order; evaluate stages may overlap the next training stage).
 
 Sequential methods:  data -> base -> train(1) -> freeze(1) -> eval(1) -> train(2) -> ... ,
                      with freeze(t) -> train(t+1) and freeze(t) -> eval(t).
@@ -13,11 +13,13 @@ re-running skips complete stages, so a killed run resumes where it stopped.
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from pipeline.config import ExperimentConfig
 
@@ -79,21 +81,32 @@ def execute(
     tracker,
     on_done: Callable[[Stage, dict[str, Any], bool], None],
     log: Callable[[str], None] = print,
+    background: Collection[str] = (),
 ) -> dict[str, dict[str, Any]]:
-    """Run the stages in order. A complete stage (verified marker) is skipped; any other is run
-    in a fresh directory inside its own nested MLflow run. Returns {stage id: marker}."""
+    """Run the stages in list order. A complete stage (verified marker) is skipped; any other is run
+    in a fresh directory inside its own nested MLflow run. Returns {stage id: marker}.
+
+    Stages whose kind is in ``background`` (the evaluate stages, which nothing else depends on but
+    their own reports) run one at a time on a background thread, so that evaluate(t) overlaps
+    train(t+1); every other stage runs on the calling thread. A stage waits for all its
+    dependencies, wherever they run. ``on_done`` is always called on the calling thread and in
+    list order (evaluate(t) is reported before anything after it), whichever stage finished first.
+    After a failure no new stage starts; the stages already running finish (their outputs and
+    markers are kept) and the first error is raised.
+    """
     markers: dict[str, dict[str, Any]] = {}
-    for i, stage in enumerate(stages, 1):
-        missing = [d for d in stage.deps if d not in markers]
-        if missing:
-            raise StageFailed(f"stage {stage.id}: dependencies {missing} did not complete")
-        done = rundir.completed(stage.id)
-        if done is not None:
-            log(f"[{i}/{len(stages)}] {stage.id}: complete (outputs verified), skipped")
-            markers[stage.id] = done
-            on_done(stage, done, True)
-            continue
-        log(f"[{i}/{len(stages)}] {stage.id}: running")
+    finished: dict[str, bool] = {}  # stage id -> skipped, for stages whose marker is in ``markers``
+    order = {s.id: i for i, s in enumerate(stages)}
+    reported = 0  # stages[:reported] have had on_done
+    results: queue.Queue = queue.Queue()  # (stage, marker or exception) from the background thread
+    jobs: queue.Queue = queue.Queue()  # background stages to run, None = stop
+    worker: threading.Thread | None = None
+    in_flight: set[str] = set()
+    failure: BaseException | None = None
+
+    def run_and_mark(stage: Stage) -> dict[str, Any]:
+        i = order[stage.id] + 1
+        log(f"[{i}/{len(stages)}] {stage.id}: running" + (" (in the background)" if stage.kind in background else ""))
         stage_dir = rundir.begin(stage.id)
         run_id = tracker.start_stage(stage.id, tags={"kind": stage.kind, "tasks": ",".join(stage.tasks)})
         t0 = time.time()
@@ -107,11 +120,88 @@ def execute(
         wall = time.time() - t0
         marker = rundir.complete(stage.id, wall_s=wall, result=result)
         tracker.log_metrics(run_id, {"stage_wall_s": wall})
-        markers[stage.id] = marker
         tracker.log_artifact(run_id, stage_dir / "DONE.json")
         tracker.end(run_id, ok=True)
-        on_done(stage, marker, False)  # after the stage run ended: a sweep may stop the trial here
         log(f"[{i}/{len(stages)}] {stage.id}: done in {wall:.1f}s " + json.dumps(_short(result)))
+        return marker
+
+    def background_loop() -> None:
+        failed = False
+        while (stage := jobs.get()) is not None:
+            if failed:  # queued before the calling thread saw the failure: not started
+                results.put((stage, None))
+                continue
+            try:
+                results.put((stage, run_and_mark(stage)))
+            except BaseException as exc:  # reported to the calling thread, which stops the run
+                results.put((stage, exc))
+                failed = True
+
+    def collect(block: bool) -> None:
+        nonlocal failure
+        while in_flight:
+            try:  # a timeout keeps the wait interruptible (Ctrl-C)
+                stage, out = results.get(timeout=1.0) if block else results.get_nowait()
+            except queue.Empty:
+                if block:
+                    continue
+                return
+            in_flight.discard(stage.id)
+            if isinstance(out, BaseException):
+                failure = failure or out
+            elif out is not None:
+                markers[stage.id], finished[stage.id] = out, False
+            block = False  # after one blocking wait, take only what is already there
+
+    def report() -> None:
+        nonlocal reported
+        while reported < len(stages) and stages[reported].id in finished:
+            stage = stages[reported]
+            # after the stage's own run ended: a sweep may stop the trial here
+            on_done(stage, markers[stage.id], finished[stage.id])
+            reported += 1
+
+    try:
+        for i, stage in enumerate(stages, 1):
+            collect(block=False)
+            report()
+            while failure is None and any(d in in_flight for d in stage.deps):
+                collect(block=True)
+                report()
+            if failure is not None:
+                break
+            missing = [d for d in stage.deps if d not in markers]
+            if missing:
+                raise StageFailed(f"stage {stage.id}: dependencies {missing} did not complete")
+            done = rundir.completed(stage.id)
+            if done is not None:
+                log(f"[{i}/{len(stages)}] {stage.id}: complete (outputs verified), skipped")
+                markers[stage.id], finished[stage.id] = done, True
+                report()
+                continue
+            if stage.kind in background:
+                if worker is None:
+                    worker = threading.Thread(target=background_loop, name="stages-background", daemon=True)
+                    worker.start()
+                in_flight.add(stage.id)
+                jobs.put(stage)
+                continue
+            try:
+                markers[stage.id], finished[stage.id] = run_and_mark(stage), False
+            except BaseException as exc:
+                failure = exc
+                break
+            report()
+        if failure is not None and in_flight:
+            log(f"waiting for {sorted(in_flight)} to finish before stopping (their outputs are kept)")
+        while in_flight:  # the stages already running finish, also after a failure
+            collect(block=True)
+        report()
+    finally:
+        if worker is not None:
+            jobs.put(None)
+    if failure is not None:
+        raise failure
     return markers
 
 

@@ -86,7 +86,8 @@ def run_evaluate_stage(
         Predictor,
         fn_constructor_kwargs={
             "cfg": cfg.to_dict(), "base": base.to_dict(), "state": str(state) if state else None,
-            "threads": cfg.train.torch_threads,
+            # as many torch threads as reserved CPUs: the actor may run beside a Train worker
+            "threads": max(1, int(cfg.eval.cpus_per_actor)),
         },
         batch_size=cfg.eval.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.eval.concurrency),  # `concurrency=` is deprecated

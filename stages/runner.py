@@ -59,6 +59,25 @@ def init_ray(cfg: ExperimentConfig) -> None:
     ctx.enable_progress_bars = False
 
 
+def overlap_plan(cfg: ExperimentConfig, cluster: dict[str, float]) -> tuple[bool, str]:
+    """Whether evaluate(t) may run beside train(t+1) on a cluster with ``cluster`` resources
+    (``ray.cluster_resources()``), and why. Both stages' long-lived holders (Train workers,
+    inference actors) plus one decode task must fit, or the two Ray Data pipelines could wait on
+    each other for CPUs forever."""
+    if not cfg.resources.overlap_evaluate:
+        return False, "resources.overlap_evaluate is off"
+    tr, ev = cfg.train, cfg.eval
+    cpus = tr.num_workers * tr.cpus_per_worker + ev.concurrency * ev.cpus_per_actor + cfg.resources.decode_cpus
+    gpus = tr.num_workers * tr.gpus_per_worker + ev.concurrency * ev.gpus_per_actor
+    have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if cpus > have_cpu + 1e-9 or gpus > have_gpu + 1e-9:
+        return False, (f"training ({tr.num_workers} x {tr.cpus_per_worker:g} CPU, {tr.gpus_per_worker:g} GPU) + "
+                       f"evaluation ({ev.concurrency} x {ev.cpus_per_actor:g} CPU, {ev.gpus_per_actor:g} GPU) + a decode "
+                       f"task ({cfg.resources.decode_cpus:g} CPU) need {cpus:g} CPU / {gpus:g} GPU; the cluster has "
+                       f"{have_cpu:g} / {have_gpu:g}")
+    return True, f"evaluate(t) runs beside train(t+1) ({cpus:g} of {have_cpu:g} CPUs, {gpus:g} of {have_gpu:g} GPUs)"
+
+
 class PipelineRun:
     def __init__(
         self,
@@ -101,10 +120,13 @@ class PipelineRun:
         self.log(f"MLflow: {self.tracker.uri} (experiment {self.tracker.experiment!r}, run {self.parent})")
         init_ray(cfg)
         self.source = data_source(cfg)
+        overlap, why = overlap_plan(cfg, ray.cluster_resources())
+        self.log(("overlap: " if overlap else "no overlap: ") + why)
         ok = False
         try:
             markers = dagmod.execute(self.stages, self._run_stage, rundir=self.rundir, tracker=self.tracker,
-                                     on_done=self._on_done, log=self.log)
+                                     on_done=self._on_done, log=self.log,
+                                     background={"evaluate"} if overlap else ())
             results = self._finish(markers, time.time() - t_start)
             ok = True
             return results
@@ -140,7 +162,8 @@ class PipelineRun:
         cfg = self.cfg
         datasets, n, loads = [], 0, []
         for task in stage.tasks:
-            ds, res = read_dataset(self.source, task, "train", image_size=cfg.model.image_size, on_bad=cfg.data.on_bad)
+            ds, res = read_dataset(self.source, task, "train", image_size=cfg.model.image_size, on_bad=cfg.data.on_bad,
+                                   decode_num_cpus=cfg.resources.decode_cpus)
             if cfg.data.max_train_per_task:
                 ds = ds.limit(cfg.data.max_train_per_task)
             datasets.append(ds)
@@ -187,7 +210,8 @@ class PipelineRun:
         return result
 
     def _test_data(self, task: str):
-        ds, res = read_dataset(self.source, task, "test", image_size=self.cfg.model.image_size)
+        ds, res = read_dataset(self.source, task, "test", image_size=self.cfg.model.image_size,
+                               decode_num_cpus=self.cfg.resources.decode_cpus)
         rows = res.rows
         if self.cfg.data.max_test_per_task:
             ds, rows = ds.limit(self.cfg.data.max_test_per_task), rows[: self.cfg.data.max_test_per_task]

@@ -1,7 +1,8 @@
 """MLflow tracking for a pipeline run: one parent run per pipeline run, one nested run per stage.
 
-All logging happens in the driver process through one ``MlflowClient`` (SQLite stores lock under
-concurrent writers). The default store is local to the run directory: ``sqlite:///DIR/mlflow.db``
+All logging happens in the driver process through one ``MlflowClient``, one call at a time
+(SQLite stores lock under concurrent writers, and an evaluate stage logs from a background thread
+while a training stage logs its progress). The default store is local to the run directory: ``sqlite:///DIR/mlflow.db``
 with artifacts under ``DIR/mlartifacts``; ``MLFLOW_TRACKING_URI`` (or ``tracking.uri``) points it
 elsewhere. A resumed run re-attaches to the same parent run (its id is kept in ``DIR/mlflow.json``).
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import functools
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -39,12 +42,23 @@ def tracking_uri_for(run_root: Path, configured: str | None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or configured or f"sqlite:///{run_root / 'mlflow.db'}"
 
 
+def _serialised(method):
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return call
+
+
 class Tracker:
-    """Thin, explicit wrapper over MlflowClient for the pipeline's parent/stage runs."""
+    """Thin, explicit wrapper over MlflowClient for the pipeline's parent/stage runs (thread-safe:
+    every call holds the tracker's lock)."""
 
     def __init__(self, run_root: Path, *, uri: str | None, experiment: str):
         self.run_root = Path(run_root)
         self.uri = tracking_uri_for(self.run_root, uri)
+        self._lock = threading.RLock()
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
@@ -59,6 +73,7 @@ class Tracker:
         self._state_file = self.run_root / "mlflow.json"
 
     # --- runs ---------------------------------------------------------------------------------
+    @_serialised
     def start_parent(self, run_name: str, params: dict[str, str], tags: dict[str, str]) -> str:
         state = json.loads(self._state_file.read_text()) if self._state_file.exists() else {}
         if state.get("parent_run_id") and state.get("tracking_uri") == self.uri:
@@ -71,6 +86,7 @@ class Tracker:
         self._state_file.write_text(json.dumps({"parent_run_id": self.parent_id, "tracking_uri": self.uri}))
         return self.parent_id
 
+    @_serialised
     def start_stage(self, stage_id: str, tags: dict[str, str] | None = None) -> str:
         assert self.parent_id, "start_parent first"
         run = self.client.create_run(
@@ -80,22 +96,26 @@ class Tracker:
         )
         return run.info.run_id
 
+    @_serialised
     def end(self, run_id: str, ok: bool = True) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
         self.client.set_terminated(run_id, status=status)
 
     # --- logging ------------------------------------------------------------------------------
+    @_serialised
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         items = [Param(k, v[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
 
+    @_serialised
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i : i + 500])
 
+    @_serialised
     def log_metric_series(self, run_id: str, rows: Iterable[dict[str, Any]], step_key: str = "step") -> None:
         ts = int(time.time() * 1000)
         items = [
@@ -107,6 +127,7 @@ class Tracker:
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i : i + 500])
 
+    @_serialised
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
@@ -114,5 +135,6 @@ class Tracker:
         else:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
+    @_serialised
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)

@@ -746,8 +746,12 @@ def _warn_oversubscription(cfg: ExperimentConfig) -> None:
     hang seen on 2-CPU machines (shared/docs/environment.md)."""
     import ray
 
+    from stages.runner import overlap_plan
+
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    stage = max(cfg.train.num_workers * cfg.train.cpus_per_worker, cfg.eval.concurrency * cfg.eval.cpus_per_actor)
+    train, evaluate = cfg.train.num_workers * cfg.train.cpus_per_worker, cfg.eval.concurrency * cfg.eval.cpus_per_actor
+    # a pipeline that overlaps evaluate(t) with train(t+1) holds both at once
+    stage = train + evaluate if overlap_plan(cfg, ray.cluster_resources())[0] else max(train, evaluate)
     need = cfg.tune.max_concurrent * stage + cfg.tune.max_concurrent * cfg.tune.cpus_per_trial
     if need >= cpus:
         print(f"WARNING: {cfg.tune.max_concurrent} concurrent trial(s) x {stage:g} CPU per stage = {need:g} of {cpus:g} "

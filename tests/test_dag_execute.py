@@ -1,0 +1,180 @@
+"""The stage executor (stages/dag.py::execute) with a real run directory and a real MLflow store:
+evaluate stages in the background overlap the next training stage, reports stay in DAG order,
+failures stop the run without losing finished work, and a re-run resumes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from pipeline.config import load_config
+from stages import dag
+from stages.rundir import RunDir
+from stages.runner import overlap_plan
+from stages.tracking import Tracker
+
+
+def _setup(tmp_path):
+    cfg = load_config(None, ["tasks=[ScienceQA, TextVQA, ImageNet]"])
+    stages = dag.build_dag(cfg, "sequential")
+    rd = RunDir.open(tmp_path / "run", name="x", fingerprint="f", config={}, repo=tmp_path)
+    tracker = Tracker(rd.root, uri=None, experiment="exp")
+    tracker.start_parent("p", {}, {})
+    return stages, rd, tracker
+
+
+class Recorder:
+    """A run_one that records start/end per stage; evaluate(t) waits until train(t+1) has started
+    (when there is one), which only an executor that overlaps them lets happen."""
+
+    def __init__(self, stages, fail: str | None = None, wait: bool = True):
+        self.events: list[tuple[str, str]] = []
+        self.reported: list[str] = []
+        self.lock = threading.Lock()
+        self.started = {s.id: threading.Event() for s in stages}
+        self.next_train = {}
+        trains = [s for s in stages if s.kind == "train"]
+        for s in stages:
+            if wait and s.kind == "evaluate" and s.task_index + 1 < len(trains):
+                self.next_train[s.id] = trains[s.task_index + 1].id
+        self.fail = fail
+
+    def run_one(self, stage, stage_dir, run_id):
+        self.started[stage.id].set()
+        with self.lock:
+            self.events.append(("start", stage.id))
+        (stage_dir / "out.txt").write_text(stage.id)
+        if stage.id in self.next_train:
+            assert self.started[self.next_train[stage.id]].wait(timeout=20), "evaluate did not overlap training"
+        if stage.kind == "train":
+            time.sleep(0.3)
+        if stage.id == self.fail:
+            raise RuntimeError(f"boom in {stage.id}")
+        with self.lock:
+            self.events.append(("end", stage.id))
+        return {"stage": stage.id}
+
+    def on_done(self, stage, marker, skipped):
+        assert threading.current_thread() is threading.main_thread()
+        self.reported.append(stage.id)
+
+
+def test_background_evaluate_overlaps_next_train_and_reports_in_order(tmp_path):
+    stages, rd, tracker = _setup(tmp_path)
+    rec = Recorder(stages)
+    markers = dag.execute(stages, rec.run_one, rundir=rd, tracker=tracker, on_done=rec.on_done,
+                          log=lambda m: None, background={"evaluate"})
+    ids = [s.id for s in stages]
+    assert list(markers) != [] and set(markers) == set(ids)
+    assert rec.reported == ids  # on_done in DAG order, on the calling thread
+    ev = rec.events
+    # evaluate(ScienceQA) was still running when train(TextVQA) started
+    assert ev.index(("start", "05-train-TextVQA")) < ev.index(("end", "04-eval-ScienceQA"))
+    for s in stages:  # every stage started after all its dependencies ended
+        for d in s.deps:
+            assert ev.index(("end", d)) < ev.index(("start", s.id))
+    # evaluate stages ran one at a time
+    evals = [e for e in ev if "-eval-" in e[1]]
+    assert [k for k, _ in evals] == ["start", "end"] * 3
+    runs = tracker.client.search_runs([tracker.experiment_id])
+    assert sum(r.info.status == "FINISHED" for r in runs) == len(ids)  # + the parent, still running
+
+
+def test_sequential_without_background(tmp_path):
+    stages, rd, tracker = _setup(tmp_path)
+    order = []
+    dag.execute(stages, lambda s, d, r: order.append(s.id) or {}, rundir=rd, tracker=tracker,
+                on_done=lambda *a: None, log=lambda m: None)
+    assert order == [s.id for s in stages]
+
+
+def test_failure_in_background_keeps_finished_work_and_resumes(tmp_path):
+    stages, rd, tracker = _setup(tmp_path)
+    rec = Recorder(stages, fail="04-eval-ScienceQA")
+    with pytest.raises(RuntimeError, match="boom in 04-eval-ScienceQA"):
+        dag.execute(stages, rec.run_one, rundir=rd, tracker=tracker, on_done=rec.on_done,
+                    log=lambda m: None, background={"evaluate"})
+    # the training stage running beside the failed evaluation finished and kept its marker;
+    # nothing after it started
+    assert rd.completed("05-train-TextVQA") is not None
+    assert rd.completed("04-eval-ScienceQA") is None
+    started = [sid for kind, sid in rec.events if kind == "start"]
+    assert started[-1] in ("04-eval-ScienceQA", "05-train-TextVQA")
+    assert "06-freeze-TextVQA" not in started
+    assert rec.reported == ["00-data", "01-base", "02-train-ScienceQA", "03-freeze-ScienceQA"]
+    assert "boom" in (rd.stage_dir("04-eval-ScienceQA") / "ERROR.txt").read_text()
+
+    # re-run: the finished stages are skipped, the failed one and the rest run
+    rec2 = Recorder(stages, wait=False)
+    dag.execute(stages, rec2.run_one, rundir=rd, tracker=tracker, on_done=rec2.on_done,
+                log=lambda m: None, background={"evaluate"})
+    rerun = [sid for kind, sid in rec2.events if kind == "start"]
+    assert "05-train-TextVQA" not in rerun and "02-train-ScienceQA" not in rerun
+    assert rerun[0] == "04-eval-ScienceQA"
+    assert rec2.reported == [s.id for s in stages]
+
+
+def test_failure_in_background_stops_queued_background_stages(tmp_path):
+    """evaluate(1) fails while evaluate(2) is already queued behind it: evaluate(2) never starts,
+    and the run stops instead of waiting for it."""
+    stages, rd, tracker = _setup(tmp_path)
+    gate = threading.Event()
+
+    def run_one(stage, stage_dir, run_id):
+        if stage.id == "04-eval-ScienceQA":
+            assert gate.wait(timeout=20)  # until evaluate(TextVQA) is queued
+            raise RuntimeError("boom")
+        if stage.id == "07-eval-TextVQA":
+            raise AssertionError("a stage queued behind a failed one must not start")
+        return {}
+
+    def log(msg):
+        if "07-eval-TextVQA: running" in msg:
+            raise AssertionError(msg)
+
+    def on_done(stage, marker, skipped):
+        pass
+
+    class Gate:  # opens when freeze(TextVQA) ends, i.e. right before evaluate(TextVQA) is queued
+        def completed(self, sid):
+            return rd.completed(sid)
+
+        def __getattr__(self, name):
+            return getattr(rd, name)
+
+        def complete(self, sid, **kw):
+            m = rd.complete(sid, **kw)
+            if sid == "06-freeze-TextVQA":
+                threading.Timer(0.2, gate.set).start()
+            return m
+
+    with pytest.raises(RuntimeError, match="boom"):
+        dag.execute(stages, run_one, rundir=Gate(), tracker=tracker, on_done=on_done, log=log,
+                    background={"evaluate"})
+    assert rd.completed("06-freeze-TextVQA") is not None and rd.completed("07-eval-TextVQA") is None
+
+
+def test_failure_inline_waits_for_background_stage(tmp_path):
+    stages, rd, tracker = _setup(tmp_path)
+    rec = Recorder(stages, fail="05-train-TextVQA")
+    with pytest.raises(RuntimeError, match="boom in 05-train-TextVQA"):
+        dag.execute(stages, rec.run_one, rundir=rd, tracker=tracker, on_done=rec.on_done,
+                    log=lambda m: None, background={"evaluate"})
+    assert rd.completed("04-eval-ScienceQA") is not None  # finished beside the failing stage, kept
+    assert rec.reported[-1] == "04-eval-ScienceQA"
+
+
+def test_overlap_plan_needs_room_for_both_stages_and_a_decode_task():
+    cfg = load_config(None)
+    assert overlap_plan(cfg, {"CPU": 2.0})[0]  # 1 (train) + 0.5 (eval actor) + 0.5 (decode)
+    ok, why = overlap_plan(cfg, {"CPU": 1.5})
+    assert not ok and "need 2 CPU" in why
+    cfg = load_config(None, ["eval.cpus_per_actor=1"])
+    assert not overlap_plan(cfg, {"CPU": 2.0})[0]
+    cfg = load_config(None, ["resources.overlap_evaluate=false"])
+    assert overlap_plan(cfg, {"CPU": 64.0}) == (False, "resources.overlap_evaluate is off")
+    cfg = load_config(None, ["train.gpus_per_worker=1", "eval.gpus_per_actor=1"])
+    assert not overlap_plan(cfg, {"CPU": 16.0, "GPU": 1.0})[0]
+    assert overlap_plan(cfg, {"CPU": 16.0, "GPU": 2.0})[0]
