@@ -93,10 +93,11 @@ class PretrainSpec:
     warmup_steps: int = 50
     seed: int = 0
     log_every: int = 50
-    # torch intra-op threads during pre-training. 1 by default: at this model size a second thread
-    # gains little, and when the 2 cores are shared (Ray's own processes, other stages) OpenMP's
-    # spinning threads made a step 4-5x slower in wall and CPU time (measured).
-    num_threads: int = 1
+    # torch intra-op threads during pre-training. The base stage runs alone (nothing overlaps it), and
+    # there 2 threads make a language-model step 1.6x faster than 1 on 2 idle cores (60 steps: 8.6 s
+    # vs 13.8 s; the guide's steps gain nothing). With the cores shared by other work, OpenMP's
+    # spinning threads made steps 4-5x slower instead (measured): set 1 there.
+    num_threads: int = 2
     # Text paired with each image for the contrastive loss: "conversation" (all turns joined: content
     # words plus instruction style) or "instruction" (first human turn only, what the guide sees later).
     guide_text: str = "conversation"
