@@ -61,11 +61,16 @@ class Recorder:
         self.reported.append(stage.id)
 
 
+def _execute(stages, rec, rd, tracker):
+    """The executor as the runner calls it when it overlaps: evaluate stages in the background."""
+    return dag.execute(stages, rec.run_one, rundir=rd, tracker=tracker, on_done=rec.on_done,
+                       log=lambda m: None, background={"evaluate"})
+
+
 def test_background_evaluate_overlaps_next_train_and_reports_in_order(tmp_path):
     stages, rd, tracker = _setup(tmp_path)
     rec = Recorder(stages)
-    markers = dag.execute(stages, rec.run_one, rundir=rd, tracker=tracker, on_done=rec.on_done,
-                          log=lambda m: None, background={"evaluate"})
+    markers = _execute(stages, rec, rd, tracker)
     ids = [s.id for s in stages]
     assert list(markers) != [] and set(markers) == set(ids)
     assert rec.reported == ids  # on_done in DAG order, on the calling thread
@@ -94,8 +99,7 @@ def test_failure_in_background_keeps_finished_work_and_resumes(tmp_path):
     stages, rd, tracker = _setup(tmp_path)
     rec = Recorder(stages, fail="04-eval-ScienceQA")
     with pytest.raises(RuntimeError, match="boom in 04-eval-ScienceQA"):
-        dag.execute(stages, rec.run_one, rundir=rd, tracker=tracker, on_done=rec.on_done,
-                    log=lambda m: None, background={"evaluate"})
+        _execute(stages, rec, rd, tracker)
     # the training stage running beside the failed evaluation finished and kept its marker;
     # nothing after it started
     assert rd.completed("05-train-TextVQA") is not None
@@ -108,8 +112,7 @@ def test_failure_in_background_keeps_finished_work_and_resumes(tmp_path):
 
     # re-run: the finished stages are skipped, the failed one and the rest run
     rec2 = Recorder(stages, wait=False)
-    dag.execute(stages, rec2.run_one, rundir=rd, tracker=tracker, on_done=rec2.on_done,
-                log=lambda m: None, background={"evaluate"})
+    _execute(stages, rec2, rd, tracker)
     rerun = [sid for kind, sid in rec2.events if kind == "start"]
     assert "05-train-TextVQA" not in rerun and "02-train-ScienceQA" not in rerun
     assert rerun[0] == "04-eval-ScienceQA"
@@ -160,8 +163,7 @@ def test_failure_inline_waits_for_background_stage(tmp_path):
     stages, rd, tracker = _setup(tmp_path)
     rec = Recorder(stages, fail="05-train-TextVQA")
     with pytest.raises(RuntimeError, match="boom in 05-train-TextVQA"):
-        dag.execute(stages, rec.run_one, rundir=rd, tracker=tracker, on_done=rec.on_done,
-                    log=lambda m: None, background={"evaluate"})
+        _execute(stages, rec, rd, tracker)
     assert rd.completed("04-eval-ScienceQA") is not None  # finished beside the failing stage, kept
     assert rec.reported[-1] == "04-eval-ScienceQA"
 
