@@ -121,6 +121,10 @@ class PipelineRun:
         init_ray(cfg)
         self.source = data_source(cfg)
         overlap, why = overlap_plan(cfg, ray.cluster_resources())
+        if overlap and self.on_evaluated is not None:  # e.g. a Ray Tune trial
+            # each evaluation is reported before the next task trains, so that a scheduler
+            # (ASHA) stopping the trial there saves that training
+            overlap, why = False, "this run reports every evaluation before the next task trains (a sweep trial)"
         self.log(("overlap: " if overlap else "no overlap: ") + why)
         ok = False
         try:

@@ -42,7 +42,8 @@ shared/docs/environment.md). Concurrency is bounded by ``tune.max_concurrent`` (
 MLflow writer at a time for the SQLite store).
 
 Stopping: after each evaluation but the last the pipeline blocks until Tune has taken the report
-(Tune's function API is synchronous); the last evaluation is reported once the pipeline has
+(Tune's function API is synchronous; a trial's pipeline therefore never overlaps evaluate(t) with
+train(t+1), see ``runner.overlap_plan``); the last evaluation is reported once the pipeline has
 written its results. When ASHA stops a trial, nothing is running in its pipeline (no Train worker
 group, no Ray Data actor pool): the trial function kills its pipeline actor and the sweep driver
 marks the MLflow runs it left open KILLED. Killing a trial in the middle of a Ray Train fit is
@@ -746,12 +747,9 @@ def _warn_oversubscription(cfg: ExperimentConfig) -> None:
     hang seen on 2-CPU machines (shared/docs/environment.md)."""
     import ray
 
-    from stages.runner import overlap_plan
-
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    train, evaluate = cfg.train.num_workers * cfg.train.cpus_per_worker, cfg.eval.concurrency * cfg.eval.cpus_per_actor
-    # a pipeline that overlaps evaluate(t) with train(t+1) holds both at once
-    stage = train + evaluate if overlap_plan(cfg, ray.cluster_resources())[0] else max(train, evaluate)
+    # a trial's pipeline runs its stages one by one (it never overlaps evaluate with training)
+    stage = max(cfg.train.num_workers * cfg.train.cpus_per_worker, cfg.eval.concurrency * cfg.eval.cpus_per_actor)
     need = cfg.tune.max_concurrent * stage + cfg.tune.max_concurrent * cfg.tune.cpus_per_trial
     if need >= cpus:
         print(f"WARNING: {cfg.tune.max_concurrent} concurrent trial(s) x {stage:g} CPU per stage = {need:g} of {cpus:g} "
