@@ -42,9 +42,9 @@ class Recorder:
         self.fail = fail
 
     def run_one(self, stage, stage_dir, run_id):
-        self.started[stage.id].set()
         with self.lock:
             self.events.append(("start", stage.id))
+        self.started[stage.id].set()  # after the event is recorded: a waiting stage then ends after it
         (stage_dir / "out.txt").write_text(stage.id)
         if stage.id in self.next_train:
             assert self.started[self.next_train[stage.id]].wait(timeout=20), "evaluate did not overlap training"
@@ -114,8 +114,8 @@ def test_failure_in_background_keeps_finished_work_and_resumes(tmp_path):
     rec2 = Recorder(stages, wait=False)
     _execute(stages, rec2, rd, tracker)
     rerun = [sid for kind, sid in rec2.events if kind == "start"]
-    assert "05-train-TextVQA" not in rerun and "02-train-ScienceQA" not in rerun
-    assert rerun[0] == "04-eval-ScienceQA"
+    kept = {"00-data", "01-base", "02-train-ScienceQA", "03-freeze-ScienceQA", "05-train-TextVQA"}
+    assert sorted(rerun) == sorted(s.id for s in stages if s.id not in kept)  # each once, in any thread order
     assert rec2.reported == [s.id for s in stages]
 
 
