@@ -2,16 +2,16 @@
 
 All logging happens in the driver process through one ``MlflowClient``, one call at a time
 (SQLite stores lock under concurrent writers, and an evaluate stage logs from a background thread
-while a training stage logs its progress). The default store is local to the run directory: ``sqlite:///DIR/mlflow.db``
-with artifacts under ``DIR/mlartifacts``; ``MLFLOW_TRACKING_URI`` (or ``tracking.uri``) points it
-elsewhere. A resumed run re-attaches to the same parent run (its id is kept in ``DIR/mlflow.json``).
+while a training stage logs its progress). The default store is local to the run directory:
+``sqlite:///DIR/mlflow.db`` with artifacts under ``DIR/mlartifacts``; ``MLFLOW_TRACKING_URI`` (or
+``tracking.uri``) points it elsewhere. A resumed run re-attaches to the same parent run (its id is kept in ``DIR/mlflow.json``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import functools
 import re
 import threading
 import time

@@ -43,7 +43,7 @@ MLflow writer at a time for the SQLite store).
 
 Stopping: after each evaluation but the last the pipeline blocks until Tune has taken the report
 (Tune's function API is synchronous; a trial's pipeline therefore never overlaps evaluate(t) with
-train(t+1), see ``runner.overlap_plan``); the last evaluation is reported once the pipeline has
+train(t+1), see ``PipelineRun.run``); the last evaluation is reported once the pipeline has
 written its results. When ASHA stops a trial, nothing is running in its pipeline (no Train worker
 group, no Ray Data actor pool): the trial function kills its pipeline actor and the sweep driver
 marks the MLflow runs it left open KILLED. Killing a trial in the middle of a Ray Train fit is
