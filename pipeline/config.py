@@ -118,6 +118,12 @@ class ResourcesConfig:
     # CPUs each Ray Data image-decode task reserves (a fraction leaves room beside the Train workers
     # and the inference actors on small machines).
     decode_cpus: float = 0.5
+    # One Ray Train worker group for all the train stages of a sequential run (one fit, a job per
+    # stage) instead of a fit per stage: same results, without starting a controller, workers and
+    # their helper actors (fresh processes importing torch/transformers/DeepSpeed) for every task.
+    # Used only where the workers can hold their resources beside an evaluation (as for
+    # overlap_evaluate) and never in a Ray Tune trial; otherwise one fit per stage.
+    resident_train: bool = True
 
 
 @dataclass

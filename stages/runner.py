@@ -42,6 +42,9 @@ def init_ray(cfg: ExperimentConfig) -> None:
     # Ray Train v2's controller polls its workers every 2 s by default; each of the 8+ fits of a
     # run pays that latency at start and end, so poll faster (the workers are local or few).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # Its print patch tees a worker's print to both stdout and the Train logger, and both reach the
+    # driver: every progress line appeared twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=True)
@@ -52,6 +55,11 @@ def init_ray(cfg: ExperimentConfig) -> None:
                 object_store_memory=cfg.resources.object_store_mb * 1024 * 1024,
                 include_dashboard=False,
                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+                # Ray kills an idle task worker after 1 s once the node has more worker processes
+                # than this limit (default: the CPU count), and actors count too. A run keeps more
+                # actors than 2 CPUs alive, so every image-decode task started a fresh Python
+                # process; keep idle task workers instead (they are few: decode tasks are small).
+                _system_config={"num_workers_soft_limit": 64},
             )
     # Also inside Ray actors/tasks (e.g. a Tune trial), where Ray is already initialised.
     ctx = ray.data.DataContext.get_current()
@@ -59,13 +67,8 @@ def init_ray(cfg: ExperimentConfig) -> None:
     ctx.enable_progress_bars = False
 
 
-def overlap_plan(cfg: ExperimentConfig, cluster: dict[str, float]) -> tuple[bool, str]:
-    """Whether evaluate(t) may run beside train(t+1) on a cluster with ``cluster`` resources
-    (``ray.cluster_resources()``), and why. Both stages' long-lived holders (Train workers,
-    inference actors) plus one decode task must fit, or the two Ray Data pipelines could wait on
-    each other for CPUs forever."""
-    if not cfg.resources.overlap_evaluate:
-        return False, "resources.overlap_evaluate is off"
+def _fits_beside(cfg: ExperimentConfig, cluster: dict[str, float]) -> tuple[bool, str]:
+    """Whether the Train worker group, the inference actors and one decode task fit at once."""
     tr, ev = cfg.train, cfg.eval
     cpus = tr.num_workers * tr.cpus_per_worker + ev.concurrency * ev.cpus_per_actor + cfg.resources.decode_cpus
     gpus = tr.num_workers * tr.gpus_per_worker + ev.concurrency * ev.gpus_per_actor
@@ -75,7 +78,34 @@ def overlap_plan(cfg: ExperimentConfig, cluster: dict[str, float]) -> tuple[bool
                        f"evaluation ({ev.concurrency} x {ev.cpus_per_actor:g} CPU, {ev.gpus_per_actor:g} GPU) + a decode "
                        f"task ({cfg.resources.decode_cpus:g} CPU) need {cpus:g} CPU / {gpus:g} GPU; the cluster has "
                        f"{have_cpu:g} / {have_gpu:g}")
-    return True, f"evaluate(t) runs beside train(t+1) ({cpus:g} of {have_cpu:g} CPUs, {gpus:g} of {have_gpu:g} GPUs)"
+    return True, f"{cpus:g} of {have_cpu:g} CPUs, {gpus:g} of {have_gpu:g} GPUs"
+
+
+def overlap_plan(cfg: ExperimentConfig, cluster: dict[str, float]) -> tuple[bool, str]:
+    """Whether evaluate(t) may run beside train(t+1) on a cluster with ``cluster`` resources
+    (``ray.cluster_resources()``), and why. Both stages' long-lived holders (Train workers,
+    inference actors) plus one decode task must fit, or the two Ray Data pipelines could wait on
+    each other for CPUs forever."""
+    if not cfg.resources.overlap_evaluate:
+        return False, "resources.overlap_evaluate is off"
+    ok, why = _fits_beside(cfg, cluster)
+    return ok, (f"evaluate(t) runs beside train(t+1) ({why})" if ok else why)
+
+
+def resident_plan(cfg: ExperimentConfig, cluster: dict[str, float], schedule: str, *, trial: bool
+                  ) -> tuple[bool, str]:
+    """Whether one resident Ray Train worker group trains all the tasks (``ResidentTrainer``),
+    and why. Its workers keep their resources while freeze and evaluate stages run, so the same
+    room as for the overlap is needed; a Ray Tune trial keeps one fit per stage (its resources
+    are sized per stage)."""
+    if not cfg.resources.resident_train:
+        return False, "resources.resident_train is off"
+    if schedule != "sequential" or len(cfg.tasks) < 2:
+        return False, f"a {schedule} run with {len(cfg.tasks)} task(s) has at most one train stage"
+    if trial:
+        return False, "a sweep trial runs one fit per train stage"
+    ok, why = _fits_beside(cfg, cluster)
+    return ok, (f"one Ray Train worker group trains every task ({why})" if ok else why)
 
 
 class PipelineRun:
@@ -126,6 +156,10 @@ class PipelineRun:
             # (ASHA) stopping the trial there saves that training
             overlap, why = False, "this run reports every evaluation before the next task trains (a sweep trial)"
         self.log(("overlap: " if overlap else "no overlap: ") + why)
+        self._resident_ok, why = resident_plan(cfg, ray.cluster_resources(), self.schedule,
+                                               trial=self.on_evaluated is not None)
+        self.log(("resident train workers: " if self._resident_ok else "a fit per train stage: ") + why)
+        self._resident = None
         ok = False
         try:
             markers = dagmod.execute(self.stages, self._run_stage, rundir=self.rundir, tracker=self.tracker,
@@ -135,6 +169,9 @@ class PipelineRun:
             ok = True
             return results
         finally:
+            if self._resident is not None:  # a failed run does not wait long for a job in progress
+                self._resident.close(timeout=120.0 if ok else 10.0)
+                self._resident = None
             self.tracker.end(self.parent, ok=ok)
 
     # --- stages ---------------------------------------------------------------------------------
@@ -160,9 +197,7 @@ class PipelineRun:
     def _stage(self, kind: str, task_index: int) -> dagmod.Stage:
         return next(s for s in self.stages if s.kind == kind and s.task_index == task_index)
 
-    def _train(self, stage: dagmod.Stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
-        from stages.train import run_train_stage
-
+    def _train_data(self, stage: dagmod.Stage) -> tuple[Any, int, list]:
         cfg = self.cfg
         datasets, n, loads = [], 0, []
         for task in stage.tasks:
@@ -176,15 +211,55 @@ class PipelineRun:
         ds = datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
         if self.schedule == "joint":
             ds = ds.random_shuffle(seed=cfg.seed)  # interleave tasks for the joint bound
+        return ds, n, loads
+
+    def _start_resident(self, first: dagmod.Stage) -> None:
+        """One worker group for this train stage and every later one (all pending on a resume)."""
+        from stages.train import ResidentTrainer
+
+        self._resident_data: dict[str, Any] = {}
+        for s in self.stages:
+            if s.kind == "train" and s.task_index >= first.task_index:
+                try:
+                    self._resident_data[s.id] = self._train_data(s)
+                except Exception as e:  # noqa: BLE001 - raised by that stage, when the run gets there
+                    self.log(f"{s.id}: its training data cannot be read ({e}); that stage will fail")
+                    self._resident_data[s.id] = e
+        datasets = {k: v[0] for k, v in self._resident_data.items() if not isinstance(v, Exception)}
+        self._resident = ResidentTrainer(self.cfg, datasets=datasets, storage=self.rundir.root / "ray_train",
+                                         log=self.log)
+        self.log(f"resident Ray Train worker group {self._resident.name}: {len(self._resident_data)} train stage(s)")
+
+    def _train(self, stage: dagmod.Stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
+        from stages.train import TrainJob, run_train_stage
+
+        cfg = self.cfg
         prev = None
         if self.schedule == "sequential" and stage.task_index > 0:
             prev = self.rundir.stage_dir(self._stage("freeze", stage.task_index - 1).id) / "method_state.safetensors"
         task_name = stage.tasks[0] if len(stage.tasks) == 1 else "joint"
-        result = run_train_stage(
-            cfg, stage_dir=stage_dir, stage_index=self.stages.index(stage), task_index=stage.task_index,
-            task_name=task_name, schedule=self.schedule, dataset=ds, num_rows=n, base=self.base, prev_state=prev,
-            on_progress=lambda rows: self.tracker.log_metric_series(run_id, rows),
-        )
+        on_progress = lambda rows: self.tracker.log_metric_series(run_id, rows)  # noqa: E731
+        if self._resident_ok:
+            if self._resident is None:
+                self._start_resident(stage)
+            if isinstance(self._resident_data[stage.id], Exception):
+                raise self._resident_data[stage.id]
+            _, n, loads = self._resident_data[stage.id]
+            job = TrainJob(stage_dir, self.stages.index(stage), stage.task_index, task_name, self.schedule, n, prev)
+            try:
+                result = self._resident.run(job, self.base, on_progress)
+            finally:
+                last = max(s.task_index for s in self.stages if s.kind == "train")
+                if stage.task_index == last:  # free the workers' CPUs for the last evaluation
+                    self._resident.close()
+                    self._resident = None
+        else:
+            ds, n, loads = self._train_data(stage)
+            result = run_train_stage(
+                cfg, stage_dir=stage_dir, stage_index=self.stages.index(stage), task_index=stage.task_index,
+                task_name=task_name, schedule=self.schedule, dataset=ds, num_rows=n, base=self.base, prev_state=prev,
+                on_progress=on_progress,
+            )
         # validation skips plus images that failed to decode while the shards were consumed
         bad = [b.to_dict() for res in loads for b in res.all_bad()]
         if bad:

@@ -1,11 +1,18 @@
-"""train(t): one Ray Train ``TorchTrainer.fit`` per task, the method's trainable parameters under
-DeepSpeed, data from Ray Data shards.
+"""train(t): Ray Train ``TorchTrainer`` workers train each task, the method's trainable parameters
+under DeepSpeed, data from Ray Data shards.
 
-Driver side: ``run_train_stage`` builds the Ray Datasets, the trainer (worker count and
-resources from the config, ``FailureConfig`` for worker crashes) and returns the final method
-state. Worker side: ``train_loop_per_worker`` rebuilds the frozen base models and the method,
-restores the previous state, calls ``begin_task``, trains with ``deepspeed.initialize`` and
-reports checkpoints (method state as safetensors) through ``ray.train.report``.
+Two ways to run the workers, same results (same seeds, same data order):
+
+* ``run_train_stage``: one ``TorchTrainer.fit`` per task (per-stage worker group).
+* ``ResidentTrainer``: one ``fit`` whose worker group stays up across the tasks of a run and takes
+  one job per train stage from a small job-board actor. Each fit starts a controller, a worker
+  group and their helper actors, each a fresh Python process that imports torch/transformers/
+  DeepSpeed; on a small machine that start-up, not the training, is most of a stage's time.
+
+Worker side (``_train_job``, both ways): rebuild the frozen base models and the method, restore
+the previous state, ``begin_task``, ``deepspeed.initialize``, train on the job's dataset shard,
+report checkpoints (method state as safetensors) through ``ray.train.report``. A worker that
+crashes mid-job resumes from the job's last checkpoint (``FailureConfig``).
 
 Progress (step, loss, samples/s) is printed by rank 0 and appended to ``progress.jsonl`` in the
 stage directory; the driver tails that file into MLflow while the fit runs.
@@ -13,12 +20,14 @@ stage directory; the driver tails that file into MLflow while the fit runs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -46,26 +55,32 @@ META_FILE = "train_meta.json"
 # ----------------------------------------------------------------------------------------------
 # Worker side
 # ----------------------------------------------------------------------------------------------
-def _save_checkpoint(method, progress: dict[str, Any], tasks_done: list[int], final: bool) -> None:
+def _save_checkpoint(method, progress: dict[str, Any], tasks_done: list[int], final: bool, job: str,
+                     dir_name: str | None = None) -> None:
     """Every rank enters: ``state_tensors`` gathers ZeRO-3 partitions, a collective operation.
-    Rank 0 writes the checkpoint; every rank reports (Ray Train requires it)."""
+    Rank 0 writes the checkpoint; every rank reports (Ray Train requires it). ``job`` names the
+    train stage the checkpoint belongs to (a resident worker group trains several)."""
     rank = ray.train.get_context().get_world_rank()
     tensors = method.state_tensors()
     metrics = {k: v for k, v in progress.items() if isinstance(v, (int, float))}
     metrics["final"] = int(final)
     if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=dir_name)
         return
     with tempfile.TemporaryDirectory() as tmp:
         save_state(tensors, Path(tmp) / STATE_FILE)
         task_keys = {str(t): method.task_keys(t) for t in tasks_done}
-        meta = {"progress": progress, "final": final, "task_keys": task_keys}
+        meta = {"job": job, "progress": progress, "final": final, "task_keys": task_keys}
         (Path(tmp) / META_FILE).write_text(json.dumps(meta, indent=2))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    t_enter = time.time()
+    """Per-stage worker group: train the one job in ``config`` on the dataset named "train"."""
+    _train_job(config, t_enter=time.time(), dataset_name="train")
+
+
+def _train_job(config: dict[str, Any], *, t_enter: float, dataset_name: str, final_dir: str | None = None) -> None:
     cfg = config_from_dict(config["cfg"])
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
@@ -76,7 +91,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if device == "cuda":
         torch.cuda.set_device(ray.train.torch.get_device())
 
-    setup = {"worker_start_s": t_enter - config["fit_started"]}
+    setup = {"worker_start_s": t_enter - config["fit_started"]}  # fit (or job) posted -> worker starts it
     t0 = time.time()
     lmm, guide = load_models(cfg, BaseModels(**config["base"]), device=device)
     setup["load_models_s"] = time.time() - t0
@@ -87,11 +102,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     method.begin_task(task_index, task_name)
 
     start_step = 0
+    job = config["job"]
     resumed = ray.train.get_checkpoint()
-    if resumed is not None:  # a worker crashed mid-stage: continue from the last checkpoint
+    if resumed is not None:  # a worker crashed mid-job: continue from the job's last checkpoint
         with resumed.as_directory() as d:
-            method.load_state_tensors(load_state(Path(d) / STATE_FILE))
-            start_step = json.loads((Path(d) / META_FILE).read_text())["progress"]["step"]
+            meta = json.loads((Path(d) / META_FILE).read_text())
+            # a resident group's latest checkpoint may be an earlier job's final one: start afresh
+            if meta.get("job", job) == job and not meta.get("final"):
+                method.load_state_tensors(load_state(Path(d) / STATE_FILE))
+                start_step = meta["progress"]["step"]
 
     t0 = time.time()
     import deepspeed
@@ -107,7 +126,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     setup["deepspeed_init_s"] = time.time() - t0
 
     total_steps = config["total_steps"]
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(dataset_name)
     collate = partial(lmm.collate, train=True)
     progress_file = Path(config["progress_file"]) if rank == 0 else None
     step, epoch, t_start, seen, last_loss = 0, 0, time.time(), 0, float("nan")
@@ -142,7 +161,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 with open(progress_file, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
-                _save_checkpoint(method, {"step": step, "loss": last_loss}, [], final=False)
+                _save_checkpoint(method, {"step": step, "loss": last_loss}, [], final=False, job=job)
         epoch += 1
 
     method.end_task(task_index)
@@ -150,9 +169,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _save_checkpoint(
         method,
         {"step": step, "loss": last_loss, "train_loop_s": loop_s, "samples": seen,
-         "samples_per_s": seen / max(1e-9, loop_s), "setup": setup},
-        done, final=True,
+         "samples_per_s": seen / max(1e-9, loop_s), "setup": setup, "resumed_from_step": start_step},
+        done, final=True, job=job, dir_name=final_dir,
     )
+    engine.destroy()  # a resident worker initialises DeepSpeed again for its next job
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,6 +197,82 @@ def _tail(path: Path, on_rows: Callable[[list[dict]], None], stop: threading.Eve
         stop.wait(2.0)
 
 
+@dataclass
+class TrainJob:
+    """What one train stage asks of the workers (driver side)."""
+
+    stage_dir: Path
+    stage_index: int
+    task_index: int
+    task_name: str
+    schedule: str
+    num_rows: int
+    prev_state: Path | None
+
+    @property
+    def id(self) -> str:
+        return self.stage_dir.name
+
+
+def _job_config(cfg: ExperimentConfig, job: TrainJob, base: BaseModels) -> dict[str, Any]:
+    world = cfg.train.num_workers
+    per_step = cfg.train.batch_size * world
+    steps_per_epoch = max(1, math.ceil(job.num_rows / per_step))
+    total = cfg.train.max_steps or max(1, int(round(cfg.train.epochs * steps_per_epoch)))
+    with open(cfg.resolve_path(cfg.train.deepspeed)) as fh:
+        ds_template = json.load(fh)
+    return {
+        "job": job.id, "cfg": cfg.to_dict(), "base": base.to_dict(),
+        "prev_state": str(job.prev_state) if job.prev_state else None,
+        "task_index": job.task_index, "task_name": job.task_name, "schedule": job.schedule,
+        "stage_index": job.stage_index, "total_steps": total, "deepspeed": ds_template,
+        "progress_file": str(job.stage_dir / "progress.jsonl"), "shuffle_buffer": min(job.num_rows, 1024),
+    }
+
+
+def _scaling(cfg: ExperimentConfig) -> ScalingConfig:
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.gpus_per_worker:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    return ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.gpus_per_worker > 0,
+                         resources_per_worker=resources)
+
+
+def _collect(checkpoint_dir: Path, job: TrainJob, fit_s: float) -> dict[str, Any]:
+    """Copy the job's final checkpoint into its stage directory; the stage result."""
+    meta = json.loads((checkpoint_dir / META_FILE).read_text())
+    if not meta.get("final") or meta.get("job", job.id) != job.id:
+        raise RuntimeError(f"train stage {job.id}: checkpoint {checkpoint_dir} is not this stage's final one "
+                           f"(job {meta.get('job')!r}, final {meta.get('final')})")
+    tensors = load_state(checkpoint_dir / STATE_FILE)
+    save_state(tensors, job.stage_dir / STATE_FILE)
+    (job.stage_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    progress = meta["progress"]
+    setup = {k: round(v, 2) for k, v in progress.get("setup", {}).items()}
+    return {
+        **{f"setup/{k}": v for k, v in setup.items()},
+        "steps": progress["step"], "final_loss": progress["loss"], "train_loop_s": progress.get("train_loop_s"),
+        "samples_per_s": progress.get("samples_per_s"), "fit_s": fit_s, "train_records": job.num_rows,
+        "resumed_from_step": progress.get("resumed_from_step", 0),
+    }
+
+
+class _Tail:
+    """Tails a job's progress.jsonl into ``on_progress`` on a thread while the job runs."""
+
+    def __init__(self, path: Path, on_progress: Callable[[list[dict]], None] | None):
+        self.stop = threading.Event()
+        self.thread = None
+        if on_progress is not None:
+            self.thread = threading.Thread(target=_tail, args=(path, on_progress, self.stop), daemon=True)
+            self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+
 def run_train_stage(
     cfg: ExperimentConfig,
     *,
@@ -191,67 +287,199 @@ def run_train_stage(
     prev_state: Path | None,
     on_progress: Callable[[list[dict]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run one training stage; write ``method_state.safetensors`` + ``train_meta.json`` into
-    ``stage_dir`` and return the stage result (steps, final loss, loop time, fit time)."""
-    world = cfg.train.num_workers
-    per_step = cfg.train.batch_size * world
-    steps_per_epoch = max(1, math.ceil(num_rows / per_step))
-    total = cfg.train.max_steps or max(1, int(round(cfg.train.epochs * steps_per_epoch)))
-    with open(cfg.resolve_path(cfg.train.deepspeed)) as fh:
-        ds_template = json.load(fh)
-    progress_file = stage_dir / "progress.jsonl"
-    storage = stage_dir / "ray_train"
-    loop_config = {
-        "cfg": cfg.to_dict(), "base": base.to_dict(), "prev_state": str(prev_state) if prev_state else None,
-        "task_index": task_index, "task_name": task_name, "schedule": schedule, "stage_index": stage_index,
-        "total_steps": total, "deepspeed": ds_template, "progress_file": str(progress_file),
-        "shuffle_buffer": min(num_rows, 1024),
-    }
-    resources = {"CPU": cfg.train.cpus_per_worker}
-    if cfg.train.gpus_per_worker:
-        resources["GPU"] = cfg.train.gpus_per_worker
+    """Run one training stage in its own ``fit``; write ``method_state.safetensors`` +
+    ``train_meta.json`` into ``stage_dir`` and return the stage result (steps, final loss, loop
+    time, fit time). Re-running a killed stage resumes from its last checkpoint (Ray Train
+    restores the fit from ``stage_dir/ray_train``)."""
+    job = TrainJob(stage_dir, stage_index, task_index, task_name, schedule, num_rows, prev_state)
+    loop_config = _job_config(cfg, job, base)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=world, use_gpu=cfg.train.gpus_per_worker > 0, resources_per_worker=resources
-        ),
+        scaling_config=_scaling(cfg),
         datasets={"train": dataset},
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name="fit",
-            storage_path=str(storage),
+            storage_path=str(stage_dir / "ray_train"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
     loop_config["fit_started"] = time.time()
-    stop = threading.Event()
-    tail = None
-    if on_progress is not None:
-        tail = threading.Thread(target=_tail, args=(progress_file, on_progress, stop), daemon=True)
-        tail.start()
+    tail = _Tail(stage_dir / "progress.jsonl", on_progress)
     t0 = time.time()
     try:
         result = trainer.fit()
     finally:
-        stop.set()
-        if tail is not None:
-            tail.join(timeout=10)
+        tail.close()
     fit_s = time.time() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"train stage for {task_name}: Ray Train finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
+        return _collect(Path(d), job, fit_s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resident worker group: one fit for all the train stages of a run
+# ----------------------------------------------------------------------------------------------
+class _JobBoard:
+    """Where the driver posts train jobs and the resident workers take them (an async Ray actor:
+    callers wait inside the actor for a change instead of polling it)."""
+
+    def __init__(self) -> None:
+        self.job: dict[str, Any] | None = None
+        self.done: set[str] = set()
+        self.closed = False
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait(self, ready: Callable[[], bool], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not ready():
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
+    async def post(self, job: dict[str, Any]) -> None:
+        self.job = job
+        self._notify()
+
+    async def next_job(self, finished: list[str], timeout: float) -> dict[str, Any] | str | None:
+        """A posted job not in ``finished`` and not done, "stop" once closed, or None after
+        ``timeout`` seconds without either."""
+        def current():
+            if self.closed:
+                return "stop"
+            if self.job is None or self.job["job"] in self.done or self.job["job"] in finished:
+                return None
+            return self.job
+
+        await self._wait(lambda: current() is not None, timeout)
+        return current()
+
+    async def finish(self, job_id: str) -> None:
+        self.done.add(job_id)
+        self._notify()
+
+    async def wait_done(self, job_id: str, timeout: float) -> bool:
+        await self._wait(lambda: job_id in self.done, timeout)
+        return job_id in self.done
+
+    async def close(self) -> None:
+        self.closed = True
+        self._notify()
+
+
+def _final_dir(job_id: str) -> str:
+    return f"{job_id}-final"
+
+
+def resident_loop_per_worker(config: dict[str, Any]) -> None:
+    """Take jobs from the board until it closes; each job trains on the dataset named after it."""
+    board = config["board"]
+    rank = ray.train.get_context().get_world_rank()
+    finished: set[str] = set()
+    while True:
+        job = ray.get(board.next_job.remote(sorted(finished), 10.0))
+        if job == "stop":
+            return
+        if job is None:
+            continue
+        t_enter = time.time()
+        if not _already_final(job["job"]):  # a restart after the final report: nothing to redo
+            _train_job(job, t_enter=t_enter, dataset_name=job["job"], final_dir=_final_dir(job["job"]))
+        finished.add(job["job"])
+        if rank == 0:
+            ray.get(board.finish.remote(job["job"]))
+
+
+def _already_final(job_id: str) -> bool:
+    resumed = ray.train.get_checkpoint()
+    if resumed is None:
+        return False
+    with resumed.as_directory() as d:
         meta = json.loads((Path(d) / META_FILE).read_text())
-        if not meta.get("final"):
-            raise RuntimeError(f"train stage for {task_name}: last checkpoint is not the final one")
-        tensors = load_state(Path(d) / STATE_FILE)
-    save_state(tensors, stage_dir / STATE_FILE)
-    (stage_dir / META_FILE).write_text(json.dumps(meta, indent=2))
-    progress = meta["progress"]
-    setup = {k: round(v, 2) for k, v in progress.get("setup", {}).items()}
-    return {
-        **{f"setup/{k}": v for k, v in setup.items()},
-        "steps": progress["step"], "final_loss": progress["loss"], "train_loop_s": progress.get("train_loop_s"),
-        "samples_per_s": progress.get("samples_per_s"), "fit_s": fit_s, "train_records": num_rows,
-    }
+    return meta.get("job") == job_id and bool(meta.get("final"))
+
+
+class ResidentTrainer:
+    """One ``TorchTrainer.fit`` whose worker group trains every pending train stage of a run.
+
+    ``datasets`` maps each job id (the train stage's directory name) to its Ray Dataset; Ray
+    Train builds a job's shards when the workers first ask for them. The fit runs on a driver
+    thread; ``run`` posts a job, waits for it and copies its final checkpoint into the stage
+    directory, as ``run_train_stage`` does. ``close`` ends the fit (call it after the last job:
+    the workers hold their CPUs/GPUs until then). Checkpoints live under ``storage`` in a folder
+    per fit; a worker crash resumes the job from its last checkpoint within the fit, a killed
+    driver re-runs the interrupted stage from its start (same seed, same result).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, *, datasets: dict[str, "ray.data.Dataset"], storage: Path,
+                 log: Callable[[str], None] = print):
+        import uuid
+
+        self.cfg, self.log = cfg, log
+        self.name = f"resident-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.storage = Path(storage)
+        self.board = ray.remote(num_cpus=0)(_JobBoard).remote()
+        self.trainer = TorchTrainer(
+            resident_loop_per_worker,
+            train_loop_config={"board": self.board},
+            scaling_config=_scaling(cfg),
+            datasets=dict(datasets),
+            dataset_config=DataConfig(datasets_to_split="all"),
+            run_config=RunConfig(
+                name=self.name,
+                storage_path=str(self.storage),
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._fit, name="resident-train-fit", daemon=True)
+        self.started = time.time()
+        self.thread.start()
+
+    def _fit(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the stage's thread
+            self.error = e
+
+    def run(self, job: TrainJob, base: BaseModels, on_progress: Callable[[list[dict]], None] | None = None
+            ) -> dict[str, Any]:
+        config = _job_config(self.cfg, job, base)
+        config["fit_started"] = time.time()
+        tail = _Tail(job.stage_dir / "progress.jsonl", on_progress)
+        t0 = time.time()
+        try:
+            ray.get(self.board.post.remote(config))
+            while not ray.get(self.board.wait_done.remote(job.id, 1.0)):
+                if not self.thread.is_alive():
+                    raise RuntimeError(
+                        f"train stage {job.id}: the resident Ray Train worker group ended before finishing it"
+                    ) from self.error
+        finally:
+            tail.close()
+        return _collect(self.storage / self.name / _final_dir(job.id), job, time.time() - t0)
+
+    def close(self, timeout: float = 120.0) -> None:
+        """Let the workers return and the fit end (a job in progress finishes first)."""
+        try:
+            ray.get(self.board.close.remote())
+        except Exception:  # noqa: BLE001 - the board is gone with a dead Ray; nothing to stop
+            return
+        self.thread.join(timeout=timeout)
+        if self.thread.is_alive():
+            self.log(f"resident train fit {self.name} did not end within {timeout:.0f} s")
+        elif self.error is not None:
+            self.log(f"resident train fit {self.name} ended with {type(self.error).__name__}: {self.error}")

@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import load_config
 from stages import dag
 from stages.rundir import RunDir
-from stages.runner import overlap_plan
+from stages.runner import overlap_plan, resident_plan
 from stages.tracking import Tracker
 
 
@@ -180,3 +180,16 @@ def test_overlap_plan_needs_room_for_both_stages_and_a_decode_task():
     cfg = load_config(None, ["train.gpus_per_worker=1", "eval.gpus_per_actor=1"])
     assert not overlap_plan(cfg, {"CPU": 16.0, "GPU": 1.0})[0]
     assert overlap_plan(cfg, {"CPU": 16.0, "GPU": 2.0})[0]
+
+
+def test_resident_plan_needs_the_same_room_and_a_sequential_run_outside_sweeps():
+    cfg = load_config(None)
+    ok, why = resident_plan(cfg, {"CPU": 2.0}, "sequential", trial=False)
+    assert ok and "one Ray Train worker group" in why
+    ok, why = resident_plan(cfg, {"CPU": 1.5}, "sequential", trial=False)
+    assert not ok and "need 2 CPU" in why  # workers idle beside an evaluation would starve it
+    assert not resident_plan(cfg, {"CPU": 64.0}, "sequential", trial=True)[0]
+    assert not resident_plan(cfg, {"CPU": 64.0}, "joint", trial=False)[0]
+    assert not resident_plan(load_config(None, ["tasks=[ScienceQA]"]), {"CPU": 64.0}, "sequential", trial=False)[0]
+    cfg = load_config(None, ["resources.resident_train=false"])
+    assert resident_plan(cfg, {"CPU": 64.0}, "sequential", trial=False) == (False, "resources.resident_train is off")

@@ -56,10 +56,29 @@ def _results(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def test_small_pipeline_end_to_end(tmp_path, cache_dir):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("small") / "run"
     proc = _run(out, cache_dir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, proc
+
+
+def _frozen_sha256(out: Path) -> dict[str, str]:
+    return {d.name: json.loads((d / "manifest.json").read_text())["state_sha256"]
+            for d in sorted((out / "stages").glob("*-freeze-*"))}
+
+
+def _losses(out: Path) -> dict[str, list]:
+    return {d.name: [json.loads(x)["loss"] for x in (d / "progress.jsonl").read_text().splitlines()]
+            for d in sorted((out / "stages").glob("*-train-*"))}
+
+
+def test_small_pipeline_end_to_end(small_run, cache_dir):
+    out, proc = small_run
+    # 2 CPUs hold the Train worker beside an evaluation: one worker group trains both tasks
+    assert "resident train workers: one Ray Train worker group" in proc.stdout
+    assert len(list((out / "ray_train").glob("resident-*/02-train-ScienceQA-final"))) == 1
     res = _results(out)
     assert res["tasks"] == ["ScienceQA", "TextVQA"]
     assert [len(r) for r in res["matrix"]] == [1, 2]
@@ -105,6 +124,21 @@ def test_small_pipeline_end_to_end(tmp_path, cache_dir):
     assert again.stdout.count("skipped") == len(stages)
     assert {p: p.stat().st_mtime for p in (out / "stages").rglob("DONE.json")} == before
     assert _results(out)["matrix"] == res["matrix"]
+
+
+def test_one_fit_per_stage_gives_the_same_results(small_run, tmp_path, cache_dir):
+    """The resident worker group is an execution choice: a fit per train stage gives the same
+    frozen states (bit for bit), training losses and accuracy matrix."""
+    resident, _ = small_run
+    out = tmp_path / "per-stage"
+    proc = _run(out, cache_dir, "resources.resident_train=false")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "a fit per train stage: resources.resident_train is off" in proc.stdout
+    assert (out / "stages" / "05-train-TextVQA" / "ray_train").is_dir() and not (out / "ray_train").exists()
+    assert _frozen_sha256(out) == _frozen_sha256(resident)
+    assert _losses(out) == _losses(resident)
+    assert _results(out)["matrix"] == _results(resident)["matrix"]
+    assert _results(out)["metrics"] == _results(resident)["metrics"]
 
 
 def test_other_config_cannot_reuse_a_run_directory(tmp_path, cache_dir):
@@ -153,6 +187,39 @@ def test_kill_mid_stage_and_resume_gives_identical_results(tmp_path, cache_dir):
     assert "02-train-ScienceQA: complete (outputs verified), skipped" in resumed.stdout
     assert _results(out)["matrix"] == _results(ref)["matrix"]
     assert _results(out)["metrics"] == _results(ref)["metrics"]
+
+
+@pytest.mark.slow
+def test_a_crashed_train_worker_resumes_its_job_from_the_last_checkpoint(tmp_path, cache_dir):
+    """SIGKILL the resident Ray Train worker in the middle of the second task: Ray Train
+    (FailureConfig) restarts the worker group, which takes the same job again and resumes it from
+    the job's last mid-stage checkpoint, and the run finishes."""
+    import psutil
+
+    out = tmp_path / "crashed"
+    longer = ["train.epochs=16", "train.checkpoint_every=4", "train.log_every=2"]  # 32 steps per task
+    cmd = [PY, "pipeline/main.py", "--output", str(out), f"cache_dir={cache_dir}", *SMALL, *longer]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    progress = out / "stages" / "05-train-TextVQA" / "progress.jsonl"
+    deadline = time.time() + 900
+    killed = []
+    while not killed and time.time() < deadline and proc.poll() is None:
+        steps = [json.loads(x)["step"] for x in progress.read_text().splitlines()] if progress.exists() else []
+        if steps and steps[-1] >= 6:  # past the checkpoint at step 4
+            for p in psutil.process_iter(["cmdline"]):
+                if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                    p.kill()
+                    killed.append(p.pid)
+        time.sleep(0.2)
+    stdout, _ = proc.communicate(timeout=900)
+    assert killed, "the second task's training was never seen running"
+    assert proc.returncode == 0, stdout[-5000:]
+    result = json.loads((out / "stages" / "05-train-TextVQA" / "DONE.json").read_text())["result"]
+    assert result["steps"] == 32 and result["resumed_from_step"] in (4, 8, 12, 16, 20, 24, 28)
+    first = json.loads((out / "stages" / "02-train-ScienceQA" / "DONE.json").read_text())["result"]
+    assert first["resumed_from_step"] == 0
+    assert [len(r) for r in _results(out)["matrix"]] == [1, 2]
 
 
 def _free_port() -> int:
