@@ -21,6 +21,7 @@ stage directory; the driver tails that file into MLflow while the fit runs.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
 import os
@@ -28,7 +29,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +36,7 @@ import ray
 import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train.torch import TorchTrainer
 
 from pipeline.config import ExperimentConfig, config_from_dict
@@ -55,6 +56,16 @@ META_FILE = "train_meta.json"
 # ----------------------------------------------------------------------------------------------
 # Worker side
 # ----------------------------------------------------------------------------------------------
+class _TrainCollate(NumpyBatchCollateFn):
+    """Ray Data numpy batch -> the LMM's training batch (tokenised, padded, pixels)."""
+
+    def __init__(self, lmm) -> None:
+        self.lmm = lmm
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.lmm.collate(batch, train=True)
+
+
 def _save_checkpoint(method, progress: dict[str, Any], tasks_done: list[int], final: bool, job: str,
                      dir_name: str | None = None) -> None:
     """Every rank enters: ``state_tensors`` gathers ZeRO-3 partitions, a collective operation.
@@ -127,7 +138,7 @@ def _train_job(config: dict[str, Any], *, t_enter: float, dataset_name: str, fin
 
     total_steps = config["total_steps"]
     shard = ray.train.get_dataset_shard(dataset_name)
-    collate = partial(lmm.collate, train=True)
+    collate = _TrainCollate(lmm)
     progress_file = Path(config["progress_file"]) if rank == 0 else None
     step, epoch, t_start, seen, last_loss = 0, 0, time.time(), 0, float("nan")
     loop_s = 0.0
@@ -397,6 +408,10 @@ def resident_loop_per_worker(config: dict[str, Any]) -> None:
         t_enter = time.time()
         if not _already_final(job["job"]):  # a restart after the final report: nothing to redo
             _train_job(job, t_enter=t_enter, dataset_name=job["job"], final_dir=_final_dir(job["job"]))
+        # free this job's models and DeepSpeed engine (reference cycles) before the next one loads
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         finished.add(job["job"])
         if rank == 0:
             ray.get(board.finish.remote(job["job"]))
