@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -64,9 +65,16 @@ def small_run(tmp_path_factory, cache_dir):
     return out, proc
 
 
-def _frozen_sha256(out: Path) -> dict[str, str]:
-    return {d.name: json.loads((d / "manifest.json").read_text())["state_sha256"]
-            for d in sorted((out / "stages").glob("*-freeze-*"))}
+def _frozen_tensor_sha256(out: Path, stage: str) -> dict[str, str]:
+    """The freeze manifest's sha256 per tensor (dtype, shape, bytes). The state file's own sha256
+    is not comparable across runs: its tensor layout follows the process's dict order."""
+    return json.loads((out / "stages" / stage / "manifest.json").read_text())["tensors"]
+
+
+def _frozen_state(out: Path, stage: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "stages" / stage / "method_state.safetensors")
 
 
 def _losses(out: Path) -> dict[str, list]:
@@ -128,15 +136,23 @@ def test_small_pipeline_end_to_end(small_run, cache_dir):
 
 def test_one_fit_per_stage_gives_the_same_results(small_run, tmp_path, cache_dir):
     """The resident worker group is an execution choice: a fit per train stage gives the same
-    frozen states (bit for bit), training losses and accuracy matrix."""
+    frozen states, training losses and accuracy matrix. The first task's state is bit-identical;
+    later ones agree to float round-off (about 1e-6), as two runs of either mode do: some CPU
+    reduction in training a second task is not bit-reproducible (measured on full runs)."""
     resident, _ = small_run
     out = tmp_path / "per-stage"
     proc = _run(out, cache_dir, "resources.resident_train=false")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "a fit per train stage: resources.resident_train is off" in proc.stdout
     assert (out / "stages" / "05-train-TextVQA" / "ray_train").is_dir() and not (out / "ray_train").exists()
-    assert _frozen_sha256(out) == _frozen_sha256(resident)
-    assert _losses(out) == _losses(resident)
+    first, second = "03-freeze-ScienceQA", "06-freeze-TextVQA"
+    assert _frozen_tensor_sha256(out, first) == _frozen_tensor_sha256(resident, first)
+    a, b = _frozen_state(out, second), _frozen_state(resident, second)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    for stage, losses in _losses(out).items():
+        assert losses == pytest.approx(_losses(resident)[stage], rel=1e-4), stage
     assert _results(out)["matrix"] == _results(resident)["matrix"]
     assert _results(out)["metrics"] == _results(resident)["metrics"]
 
