@@ -86,6 +86,26 @@ def _save_checkpoint(method, progress: dict[str, Any], tasks_done: list[int], fi
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name)
 
 
+def prepare_method(method, *, prev_state: str | Path | None, checkpoint_dir: Path | None, job: str,
+                   task_index: int, task_name: str) -> int:
+    """Restore the earlier tasks' frozen state, then the job's own mid-stage checkpoint if
+    ``checkpoint_dir`` holds one, then ``begin_task``; returns the step to continue from.
+
+    The order matters: ``load_state_tensors`` restores tasks as learned (frozen), and
+    ``begin_task`` on the latest restored task makes it trainable again. A checkpoint of another
+    job (a resident group's earlier stage) or a final one is ignored: the task starts afresh."""
+    if prev_state:
+        method.load_state_tensors(load_state(prev_state))
+    start_step = 0
+    if checkpoint_dir is not None:
+        meta = json.loads((checkpoint_dir / META_FILE).read_text())
+        if meta.get("job", job) == job and not meta.get("final"):
+            method.load_state_tensors(load_state(checkpoint_dir / STATE_FILE))
+            start_step = int(meta["progress"]["step"])
+    method.begin_task(task_index, task_name)
+    return start_step
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Per-stage worker group: train the one job in ``config`` on the dataset named "train"."""
     _train_job(config, t_enter=time.time(), dataset_name="train")
@@ -107,21 +127,16 @@ def _train_job(config: dict[str, Any], *, t_enter: float, dataset_name: str, fin
     lmm, guide = load_models(cfg, BaseModels(**config["base"]), device=device)
     setup["load_models_s"] = time.time() - t0
     method = build_method_for(cfg, lmm, guide)
-    if config["prev_state"]:
-        method.load_state_tensors(load_state(config["prev_state"]))
     task_index, task_name = config["task_index"], config["task_name"]
-    method.begin_task(task_index, task_name)
-
-    start_step = 0
     job = config["job"]
     resumed = ray.train.get_checkpoint()
-    if resumed is not None:  # a worker crashed mid-job: continue from the job's last checkpoint
+    if resumed is None:
+        start_step = prepare_method(method, prev_state=config["prev_state"], checkpoint_dir=None, job=job,
+                                    task_index=task_index, task_name=task_name)
+    else:  # a worker crashed mid-job: continue from the job's last checkpoint
         with resumed.as_directory() as d:
-            meta = json.loads((Path(d) / META_FILE).read_text())
-            # a resident group's latest checkpoint may be an earlier job's final one: start afresh
-            if meta.get("job", job) == job and not meta.get("final"):
-                method.load_state_tensors(load_state(Path(d) / STATE_FILE))
-                start_step = meta["progress"]["step"]
+            start_step = prepare_method(method, prev_state=config["prev_state"], checkpoint_dir=Path(d), job=job,
+                                        task_index=task_index, task_name=task_name)
 
     t0 = time.time()
     import deepspeed

@@ -251,3 +251,34 @@ def _guide_modules(guide: object) -> list[torch.nn.Module]:
     if isinstance(guide, torch.nn.Module):
         return [guide]
     return [v for v in vars(guide).values() if isinstance(v, torch.nn.Module)]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_restoring_a_partly_trained_task_then_begin_task_resumes_it(name: str) -> None:
+    """What a train worker does after a crash: restore the earlier tasks' state, then the job's
+    mid-task checkpoint (current task included, not ended), then ``begin_task`` on it; the
+    restored task must be trainable again, with its checkpointed values."""
+    method, lmm, _ = _build(name)
+    if method.schedule != "sequential":
+        pytest.skip("only sequential methods resume a task of a sequence")
+    method.begin_task(0, "task_a")
+    _train(method, batch_for(lmm, "task_a"), 3)
+    method.end_task(0)
+    earlier = method.state_tensors()
+    method.begin_task(1, "task_b")
+    _train(method, batch_for(lmm, "task_b"), 3)
+    checkpoint = method.state_tensors()  # mid-task: end_task(1) not called
+
+    fresh_lmm, fresh_guide = tiny_models(0, fresh_guide=True)
+    torch.manual_seed(999)
+    fresh = build_method(name, {}, fresh_lmm, fresh_guide)
+    fresh.load_state_tensors(earlier)
+    fresh.load_state_tensors(checkpoint)
+    fresh.begin_task(1, "task_b")
+    params = fresh.trainable_parameters()
+    assert params, f"{name}: nothing to train after resuming task 1"
+    names = {id(p): n for n, p in fresh.named_parameters()}
+    got = fresh.state_tensors()
+    assert all(torch.equal(got[k], checkpoint[k]) for k in checkpoint)
+    assert not set(fresh.task_keys(0)) & {names[id(p)] for p in params}  # task 0 stays frozen
+    _train(fresh, batch_for(fresh_lmm, "task_b"), 2)  # and training goes on
