@@ -1,9 +1,10 @@
 """End to end through ``python pipeline/main.py``: the stage DAG on a real local Ray, real
 Ray Train + DeepSpeed, Ray Data inference and a real MLflow store.
 
-The default tier runs one reduced two-task pipeline and its no-op re-run; the slow tier kills a
-run mid-stage and resumes it, submits the job to a real ``ray start --head`` with
-``ray job submit``, and runs the full embedded default.
+The default tier runs one reduced two-task pipeline (resident Train workers), its no-op re-run and
+the same pipeline with a fit per train stage; the slow tier kills a run mid-stage and resumes it,
+kills a Train worker mid-job (Ray Train restarts it from the job's checkpoint), and submits the job
+to a real ``ray start --head`` with ``ray job submit``.
 """
 
 from __future__ import annotations
