@@ -30,6 +30,17 @@ def _step(method, lmm, task: str) -> None:
     opt.step()
 
 
+def _after_first_task(name: str, tmp_path: Path):
+    """A method that learned task 0 (one step) and the frozen state file of it."""
+    method, lmm = _fresh(name)
+    method.begin_task(0, "task_a")
+    _step(method, lmm, "task_a")
+    method.end_task(0)
+    prev = tmp_path / "prev.safetensors"
+    save_state(method.state_tensors(), prev)
+    return method, lmm, prev
+
+
 def _checkpoint(folder: Path, tensors: dict, *, job: str, step: int, final: bool) -> Path:
     folder.mkdir(parents=True)
     save_state(tensors, folder / STATE_FILE)
@@ -39,12 +50,7 @@ def _checkpoint(folder: Path, tensors: dict, *, job: str, step: int, final: bool
 
 @pytest.mark.parametrize("name", ["modalprompt", "lora"])
 def test_a_mid_stage_checkpoint_of_the_job_is_resumed_and_trainable(name: str, tmp_path) -> None:
-    method, lmm = _fresh(name)
-    method.begin_task(0, "task_a")
-    _step(method, lmm, "task_a")
-    method.end_task(0)
-    prev = tmp_path / "prev.safetensors"
-    save_state(method.state_tensors(), prev)
+    method, lmm, prev = _after_first_task(name, tmp_path)
     method.begin_task(1, "task_b")
     _step(method, lmm, "task_b")
     ckpt = _checkpoint(tmp_path / "ckpt", method.state_tensors(), job="05-train-b", step=4, final=False)
@@ -60,12 +66,7 @@ def test_a_mid_stage_checkpoint_of_the_job_is_resumed_and_trainable(name: str, t
 
 @pytest.mark.parametrize("name", ["modalprompt", "lora"])
 def test_another_jobs_or_a_final_checkpoint_starts_the_task_afresh(name: str, tmp_path) -> None:
-    method, lmm = _fresh(name)
-    method.begin_task(0, "task_a")
-    _step(method, lmm, "task_a")
-    method.end_task(0)
-    prev = tmp_path / "prev.safetensors"
-    save_state(method.state_tensors(), prev)
+    method, lmm, prev = _after_first_task(name, tmp_path)
     earlier_final = _checkpoint(tmp_path / "a", method.state_tensors(), job="02-train-a", step=36, final=True)
 
     plain, _ = _fresh(name)
