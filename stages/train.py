@@ -1,7 +1,7 @@
 """train(t): Ray Train ``TorchTrainer`` workers train each task, the method's trainable parameters
 under DeepSpeed, data from Ray Data shards.
 
-Two ways to run the workers, same results (same seeds, same data order):
+Two ways to run the workers, same seeds and data order (results agree to float round-off):
 
 * ``run_train_stage``: one ``TorchTrainer.fit`` per task (per-stage worker group).
 * ``ResidentTrainer``: one ``fit`` whose worker group stays up across the tasks of a run and takes
@@ -21,6 +21,7 @@ stage directory; the driver tails that file into MLflow while the fit runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import math
@@ -130,13 +131,10 @@ def _train_job(config: dict[str, Any], *, t_enter: float, dataset_name: str, fin
     task_index, task_name = config["task_index"], config["task_name"]
     job = config["job"]
     resumed = ray.train.get_checkpoint()
-    if resumed is None:
-        start_step = prepare_method(method, prev_state=config["prev_state"], checkpoint_dir=None, job=job,
-                                    task_index=task_index, task_name=task_name)
-    else:  # a worker crashed mid-job: continue from the job's last checkpoint
-        with resumed.as_directory() as d:
-            start_step = prepare_method(method, prev_state=config["prev_state"], checkpoint_dir=Path(d), job=job,
-                                        task_index=task_index, task_name=task_name)
+    # after a worker crash, the job continues from its last checkpoint (if that is the job's own)
+    with resumed.as_directory() if resumed is not None else contextlib.nullcontext() as d:
+        start_step = prepare_method(method, prev_state=config["prev_state"], checkpoint_dir=Path(d) if d else None,
+                                    job=job, task_index=task_index, task_name=task_name)
 
     t0 = time.time()
     import deepspeed
