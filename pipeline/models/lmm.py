@@ -271,12 +271,21 @@ class LMM:
         return self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask)).logits
 
     def lm_loss(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over label positions (labels[:, t] is predicted at t-1)."""
+        """Mean next-token cross-entropy over label positions (labels[:, t] is predicted at t-1).
+
+        Logits are computed at label positions only: the same loss as the model's own ``labels=``
+        path, without the (B, L, V) logits of every position (8% of positions carry a label in the
+        CoIN-synth pre-training corpus; for LLaVA-1.5 the full logits are B x L x 32000 floats).
+        """
         mask, labels = attention_mask.to(embeds.device), labels.to(embeds.device)
-        if not bool((labels[:, 1:] != IGNORE).any()):  # e.g. only overflowed rows: no NaN, no signal
+        target = labels[:, 1:]
+        keep = target != IGNORE
+        if not bool(keep.any()):  # e.g. only overflowed rows: no NaN, no signal
             return embeds.sum() * 0.0
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask), labels=labels)
-        return out.loss
+        hidden = self.model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask),
+                                  use_cache=False).last_hidden_state
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
+        return nn.functional.cross_entropy(logits.float(), target[keep])
 
     @torch.no_grad()
     def generate(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> list[str]:

@@ -33,7 +33,7 @@ from pipeline.models.config import ModelConfig, PretrainSpec
 from pipeline.models.lmm import TEMPLATES, LMM, rows_to_batch
 
 # Bump when the training recipe changes so that old caches are not reused.
-PRETRAIN_VERSION = 2  # 2: random LM batches (pool=1)
+PRETRAIN_VERSION = 3  # 2: random LM batches (pool=1); 3: logits at label positions only (other float rounding)
 MANIFEST = "MANIFEST.json"
 INFO = "info.json"
 LMM_DIR = "lmm"
