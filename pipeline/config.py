@@ -137,7 +137,7 @@ class TuneConfig:
     """
 
     space: dict[str, Any] = field(default_factory=dict)
-    objective: str = "Avg"  # avg, last, B, M, acc, maa, bwt, train_loss (B, train_loss: min; others: max)
+    objective: str = "Avg"  # avg, last, B, M, acc, maa, bwt, la, train_loss (B, train_loss: min; others: max)
     num_samples: int = 4  # trials (times the size of every grid)
     search: str = "random"  # "random" | "grid" | "optuna"
     scheduler: str = "fifo"  # "fifo" | "asha"

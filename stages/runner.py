@@ -441,7 +441,7 @@ def format_results(results: dict[str, Any]) -> str:
     for label, row in zip(labels, results["matrix"]):
         lines.append(f"{label:<{width}}" + "".join(f"{v:>10.2f}" for v in row))
     m = results["metrics"]
-    keys = [k for k in ("last", "avg", "B", "M", "acc", "maa", "bwt", "fwt") if k in m]
+    keys = [k for k in ("last", "avg", "B", "M", "acc", "maa", "bwt", "la", "fwt") if k in m]
     lines.append("Metrics: " + ", ".join(f"{k}={m[k]:.2f}" for k in keys))
     if results.get("top1_own_task_mean") is not None:
         lines.append(f"Top-1 selected prompt set is the sample's own task: {100 * results['top1_own_task_mean']:.1f}%")

@@ -135,6 +135,7 @@ _OBJECTIVES: dict[str, tuple[str, str, str | float | None]] = {
     "m": ("M", "max", "last"),
     "acc": ("acc", "max", None),
     "maa": ("maa", "max", None),
+    "la": ("la", "max", None),
     "bwt": ("bwt", "max", 0.0),
     "train_loss": ("train_loss", "min", None),
 }
@@ -144,7 +145,7 @@ def resolve_objective(name: str) -> Objective:
     """``"Avg"`` -> Objective(metric="avg", mode="max", ...); case-insensitive."""
     key = str(name).strip().lower()
     if key not in _OBJECTIVES:
-        raise ConfigError(f"tune.objective: {name!r} is not one of Avg, Last, B, M, ACC, MAA, BWT, train_loss")
+        raise ConfigError(f"tune.objective: {name!r} is not one of Avg, Last, B, M, ACC, MAA, BWT, LA, train_loss")
     metric, mode, fallback = _OBJECTIVES[key]
     return Objective(name=str(name), metric=metric, mode=mode, fallback=fallback)
 
@@ -785,7 +786,7 @@ def check_leaks(before: set[str], wait_s: float = 30.0) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------------------------
-METRIC_COLUMNS = ("last", "avg", "B", "M", "acc", "maa", "bwt", "train_loss")
+METRIC_COLUMNS = ("last", "avg", "B", "M", "acc", "maa", "bwt", "la", "train_loss")
 
 
 def _trial_status(metrics: dict[str, Any], error: Any, n_tasks: int, run_dir: Path) -> str:

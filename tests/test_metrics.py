@@ -244,12 +244,13 @@ def test_hand_computed_three_tasks() -> None:
     assert M.maa(A3) == pytest.approx((80 + 65 + 60) / 3)
     assert M.bwt(A3) == pytest.approx(((50 - 80) + (40 - 70) + 0) / 3)  # divides by T, not T-1
     assert M.fwt(A3, [70.0, 75.0, 85.0]) == pytest.approx((10 - 5 + 5) / 3)
+    assert M.la(A3) == pytest.approx((80 + 70 + 90) / 3)  # the diagonal only
 
 
 def test_all_metrics_full_and_partial() -> None:
     full = M.all_metrics(A3, isolation=[70.0, 75.0, 85.0])
     assert full["T"] == 3
-    assert set(full) == {"T", "last", "acc", "maa", "last_per_task", "avg", "avg_per_task",
+    assert set(full) == {"T", "last", "acc", "maa", "la", "last_per_task", "avg", "avg_per_task",
                          "B", "B_t", "M", "M_t", "bwt", "fwt"}
     # After two of three tasks: the same formulas on the first two rows ("so far").
     partial = M.all_metrics(A3[:2], isolation=[70.0, 75.0, 85.0])
@@ -259,11 +260,12 @@ def test_all_metrics_full_and_partial() -> None:
     assert partial["B"] == pytest.approx(20.0)
     assert partial["bwt"] == pytest.approx(-10.0)
     assert partial["fwt"] == pytest.approx(2.5)  # (10 - 5) / 2
+    assert partial["la"] == pytest.approx(75.0)  # (80 + 70) / 2
 
 
 def test_single_row_omits_undefined_metrics() -> None:
     one = M.all_metrics([[42.0]])
-    assert one == {"T": 1, "last": 42.0, "acc": 42.0, "maa": 42.0, "last_per_task": [42.0]}
+    assert one == {"T": 1, "last": 42.0, "acc": 42.0, "maa": 42.0, "la": 42.0, "last_per_task": [42.0]}
     for fn in (M.avg, M.b, M.m, M.bwt):
         with pytest.raises(ValueError, match="at least 2 rows"):
             fn([[42.0]])

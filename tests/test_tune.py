@@ -147,7 +147,7 @@ def test_optuna_is_optional():
 @pytest.mark.parametrize("name, metric, mode", [
     ("Avg", "avg", "max"), ("avg", "avg", "max"), ("Last", "last", "max"), ("B", "B", "min"), ("b", "B", "min"),
     ("M", "M", "max"), ("ACC", "acc", "max"), ("MAA", "maa", "max"), ("BWT", "bwt", "max"),
-    ("train_loss", "train_loss", "min"),
+    ("LA", "la", "max"), ("train_loss", "train_loss", "min"),
 ])
 def test_objective_mode_follows_the_metric(name, metric, mode):
     obj = resolve_objective(name)

@@ -9,6 +9,10 @@ Two families, each implemented exactly as its paper writes it so published table
   ``M_t``/``M`` (mean accuracy at stage t), with t = 2..T.
 * ProgLoRA (section 5.3): ``acc`` (same as ``last``), ``maa``, ``bwt`` (divides by T; negative
   means forgetting) and ``fwt`` (needs the isolation row A0, one score per task).
+* ``la``, learning accuracy (Riemer et al., 2019): the mean of the diagonal A[i][i], each task's
+  score right after it was learned. It is plasticity alone, so it separates "never learned" from
+  "forgot" (Last = LA - forgetting), and it is the fair criterion to tune each method's learning
+  rate on (tuning a baseline on Last would reward whatever forgets least, not what learns).
 
 Partial matrices: a matrix with fewer rows than the experiment has tasks gives the metrics "so
 far", i.e. every formula evaluated with T = number of rows. Metrics that need T >= 2 (Avg, B, M,
@@ -146,10 +150,16 @@ def fwt(matrix: Matrix, isolation: Sequence[float]) -> float:
     return fmean(a[i][i] - a0[i] for i in range(len(a)))
 
 
+def la(matrix: Matrix) -> float:
+    """LA = mean over i of A[i][i] (learning accuracy, Riemer et al., 2019)."""
+    a = validate_matrix(matrix)
+    return fmean(a[i][i] for i in range(len(a)))
+
+
 def all_metrics(matrix: Matrix, isolation: Sequence[float] | None = None) -> dict[str, object]:
     """Every metric defined for ``matrix`` (and ``isolation`` when given), as a JSON-ready dict.
 
-    Keys: ``T`` (rows used), ``last``, ``acc``, ``maa``, ``last_per_task`` (always);
+    Keys: ``T`` (rows used), ``last``, ``acc``, ``maa``, ``la``, ``last_per_task`` (always);
     ``avg``, ``avg_per_task`` (tasks 1..T-1), ``B``, ``B_t`` and ``M``, ``M_t`` (stages 2..T),
     ``bwt`` (only when T >= 2); ``fwt`` (only with an isolation row).
     """
@@ -159,6 +169,7 @@ def all_metrics(matrix: Matrix, isolation: Sequence[float] | None = None) -> dic
         "last": last(a),
         "acc": acc(a),
         "maa": maa(a),
+        "la": la(a),
         "last_per_task": last_per_task(a),
     }
     if len(a) >= 2:
