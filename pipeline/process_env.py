@@ -3,6 +3,7 @@ model hub, and DeepSpeed's JIT-built CPU op has one build folder and one ninja p
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -24,3 +25,18 @@ def setup_process_env() -> None:
     path = os.environ.get("PATH", "").split(os.pathsep)
     if path[:1] != [bin_dir]:
         os.environ["PATH"] = os.pathsep.join([bin_dir, *[p for p in path if p != bin_dir]])
+
+
+# Ray Train v2 starts a detached PlacementGroupCleaner beside every fit. It asks the State API once a
+# second whether the Train controller still lives, and the State API needs the dashboard, which the
+# in-process Ray of a local run does not start (``include_dashboard=False``): each query failed with
+# a warning, 234 lines in one default run (2026-11-23). The in-process Ray ends with the driver and
+# takes every placement group with it, so the cleaner has nothing to clean there.
+TRAIN_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_local_ray_worker() -> None:
+    """``worker_process_setup_hook`` of the in-process Ray only: the PlacementGroupCleaner's
+    "State API may be temporarily unavailable" warnings are dropped (errors still show).
+    On a cluster (``RAY_ADDRESS``) nothing is changed."""
+    logging.getLogger(TRAIN_PG_CLEANER_LOGGER).setLevel(logging.ERROR)

@@ -54,7 +54,8 @@ def init_ray(cfg: ExperimentConfig) -> None:
                 num_cpus=cfg.resources.num_cpus or os.cpu_count(),
                 object_store_memory=cfg.resources.object_store_mb * 1024 * 1024,
                 include_dashboard=False,
-                runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+                runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)},
+                             "worker_process_setup_hook": "pipeline.process_env.quiet_local_ray_worker"},
                 # Ray kills an idle task worker after 1 s once the node has more worker processes
                 # than this limit (default: the CPU count), and actors count too. A run keeps more
                 # actors than 2 CPUs alive, so every image-decode task started a fresh Python

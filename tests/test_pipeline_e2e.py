@@ -91,8 +91,10 @@ def test_small_pipeline_end_to_end(small_run, cache_dir):
     res = _results(out)
     assert res["tasks"] == ["ScienceQA", "TextVQA"]
     assert [len(r) for r in res["matrix"]] == [1, 2]
-    assert {"last", "avg", "B", "M", "acc", "maa", "bwt"} <= set(res["metrics"])
+    assert {"last", "avg", "B", "M", "acc", "maa", "bwt", "la"} <= set(res["metrics"])
     assert "Accuracy matrix" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
+    # the in-process Ray has no dashboard: Train's placement-group cleaner must not warn every second
+    assert "State API may be temporarily unavailable" not in proc.stdout + proc.stderr
 
     # every stage left a verified marker; predictions reconcile with the test records
     stages = sorted(p.name for p in (out / "stages").iterdir())
