@@ -179,14 +179,21 @@ def test_only_own_parameters_get_gradients(name: str) -> None:
     assert all(id(p) in own for p in base + list(method.parameters()) if p.requires_grad)
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_old_task_state_bit_identical(name: str) -> None:
+def _after_first_task(name: str) -> tuple[ContinualMethod, object]:
+    """``name`` built, trained three steps on task_a and ended (task 0 learned); skips methods
+    that have no sequence of tasks (zero-shot trains nothing, multi-task trains one joint task)."""
     method, lmm, _ = _build(name)
     if method.schedule != "sequential":
         pytest.skip("only sequential methods learn task after task")
     method.begin_task(0, "task_a")
     _train(method, batch_for(lmm, "task_a"), 3)
     method.end_task(0)
+    return method, lmm
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_old_task_state_bit_identical(name: str) -> None:
+    method, lmm = _after_first_task(name)
     before = method.state_tensors()
     keys0 = method.task_keys(0)
     assert set(keys0) <= set(before)
@@ -258,12 +265,7 @@ def test_restoring_a_partly_trained_task_then_begin_task_resumes_it(name: str) -
     """What a train worker does after a crash: restore the earlier tasks' state, then the job's
     mid-task checkpoint (current task included, not ended), then ``begin_task`` on it; the
     restored task must be trainable again, with its checkpointed values."""
-    method, lmm, _ = _build(name)
-    if method.schedule != "sequential":
-        pytest.skip("only sequential methods resume a task of a sequence")
-    method.begin_task(0, "task_a")
-    _train(method, batch_for(lmm, "task_a"), 3)
-    method.end_task(0)
+    method, lmm = _after_first_task(name)
     earlier = method.state_tensors()
     method.begin_task(1, "task_b")
     _train(method, batch_for(lmm, "task_b"), 3)
