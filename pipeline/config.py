@@ -44,6 +44,10 @@ class SynthConfig:
     test_per_task: int = 48
     pretrain_records: int = 1000  # generic pre-training records (captions, generic QA)
     pretrain_skill_per_task: int = 400  # pre-training skill records per task (see pipeline/data/synth_pretrain.py)
+    # Generic pre-training records also use LLaVA-1.5's two generic instructions ("Answer the
+    # question using a single word or phrase.", the option-letter one); README, "A base that knows
+    # LLaVA-1.5's generic instructions".
+    generic_instructions: bool = False
 
 
 @dataclass

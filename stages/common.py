@@ -56,6 +56,8 @@ def synth_root(cfg: ExperimentConfig) -> str:
     s = cfg.data.synth
     # the generator version is part of the name, so a generator upgrade writes a fresh directory
     tag = f"v{GENERATOR_VERSION}-s{s.seed}-tr{s.train_per_task}-te{s.test_per_task}-p{s.pretrain_records}-k{s.pretrain_skill_per_task}-i{cfg.model.image_size}"
+    if s.generic_instructions:  # another pre-training corpus (and so, through the name, another base)
+        tag += "-gi"
     return str(Path(cfg.resolve_path(cfg.cache_dir)) / f"coin-synth-{tag}")
 
 

@@ -34,6 +34,17 @@ def test_overrides_are_typed_and_nested():
     assert parse_overrides(["a.b=x", "a.c=3"]) == {"a": {"b": "x", "c": 3}}
 
 
+def test_generic_instructions_option_names_its_own_benchmark_directory():
+    from stages.common import synth_root
+
+    default = synth_root(load_config(None))
+    gi = load_config(None, ["data.synth.generic_instructions=true"])
+    assert gi.data.synth.generic_instructions is True
+    assert synth_root(gi) == default + "-gi"  # another corpus, so (via the name) another cached base
+    with pytest.raises(ConfigError, match="data.synth.generic_instructions"):
+        load_config(None, ["data.synth.generic_instructions=3"])
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

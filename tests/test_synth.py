@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,9 +27,16 @@ from pipeline.data.synth import (
     generate_benchmark,
     pretrain_records,
 )
-from pipeline.data.synth_pretrain import SKILL_TASKS
+from pipeline.data.synth_pretrain import GENERIC_INSTRUCTIONS, SKILL_TASKS
 from pipeline.data.synth_render import COLORS
-from pipeline.data.synth_tasks import IMAGENET_CLASSES, UNANSWERABLE
+from pipeline.data.synth_tasks import (
+    GROUNDING_PREFIX,
+    IMAGENET_CLASSES,
+    IMAGENET_QUESTION,
+    LETTER,
+    SHORT,
+    UNANSWERABLE,
+)
 
 SPEC = SynthSpec(seed=3, train_per_task=48, test_per_task=16, pretrain_records=80, pretrain_skill_per_task=12)
 BOX = re.compile(r"^\[(\d\.\d\d), (\d\.\d\d), (\d\.\d\d), (\d\.\d\d)\]$")
@@ -282,6 +290,58 @@ def test_pretrain_teaches_skills_but_never_coin_instructions_or_boxes(bench):
             assert not any(line in text for line in suffix_lines), text
             assert text not in test_texts, text
         answers.update(t["value"] for t in conv[1::2])
+    # Grounding's box format is never taught
+    assert not any(a.startswith("[") for a in answers)
+    assert not any(r["id"].startswith("pretrain_grounding") for r in pre)
+    # the skill records carry the tasks' answer conventions (letters, class names, "unanswerable")
+    assert {"A", "B", "C"} <= set(answers) and set(IMAGENET_CLASSES) & set(answers) and UNANSWERABLE in answers
+    assert set(COLORS) & set(answers) and {"yes", "no"} <= set(answers)
+    per_task = Counter(r["id"].rsplit("_", 1)[0] for r in pre)
+    for task in SKILL_TASKS:
+        assert per_task[f"pretrain_{task.lower()}"] == SPEC.pretrain_skill_per_task
+
+
+def test_generic_instructions_appear_only_on_generic_records_and_only_the_generic_ones(tmp_path):
+    spec = dataclasses.replace(SPEC, generic_instructions=True)
+    bench = tmp_path / "gi"
+    summary = generate_benchmark(bench, spec)
+    assert json.loads((bench / "SPEC.json").read_text())["spec"]["generic_instructions"] is True, summary
+    default_pre = tmp_path / "default"
+    generate_benchmark(default_pre, SPEC)
+    # only the generic records change: the task streams and the skill records are the same files
+    a, b = tree_hashes(bench), tree_hashes(default_pre)
+    changed = {k for k in a if a[k] != b.get(k)}
+    assert changed and all(k in ("SPEC.json", "pretrain/train.json") or re.fullmatch(r"images/pretrain/pretrain_\d{5}\.png", k)
+                           for k in changed), sorted(changed)[:5]
+    pre = json.loads((bench / "pretrain" / "train.json").read_text())
+    generic_lines = set(GENERIC_INSTRUCTIONS)
+    task_lines = {line for s in INSTRUCTION_SUFFIXES.values() for line in s.split("\n")} - generic_lines
+    assert task_lines == {IMAGENET_QUESTION, GROUNDING_PREFIX}
+    test_texts = {rec["text"] for task in COIN_TASKS for rec in load(bench, task, "test")}
+    train_images = {rec["image"] for task in COIN_TASKS for split in ("train", "test") for rec in load(bench, task, split)}
+    answers, instructed = Counter(), Counter()
+    for rec in pre:
+        conv = rec["conversations"]
+        generic = re.fullmatch(r"pretrain_\d{5}", rec["id"]) is not None
+        assert conv[0]["value"].startswith(IMAGE_TOKEN + "\n")
+        assert rec["image"].startswith("pretrain/") and rec["image"] not in train_images
+        for human, gpt in zip(conv[0::2], conv[1::2]):
+            text = human["value"].replace(IMAGE_TOKEN + "\n", "")
+            lines = text.split("\n")
+            # task-specific instructions are met first in continual tuning
+            assert not any(line in text for line in task_lines), text
+            assert text not in test_texts, text
+            if generic:  # LLaVA-1.5's two generic instructions: only as the last line
+                for line in generic_lines & set(lines):
+                    assert lines[-1] == line, text
+                    instructed[line] += 1
+                if lines[-1] == LETTER:  # the answer is the letter of a listed option
+                    assert f"{gpt['value']}. " in text and re.fullmatch("[A-D]", gpt["value"]), (text, gpt)
+            else:  # skill records never carry a CoIN instruction
+                assert not generic_lines & set(lines), text
+        answers.update(t["value"] for t in conv[1::2])
+    turns = sum(len(r["conversations"]) // 2 for r in pre if re.fullmatch(r"pretrain_\d{5}", r["id"]))
+    assert 0.1 * turns < instructed[SHORT] < 0.6 * turns and 0.03 * turns < instructed[LETTER] < 0.3 * turns
     # Grounding's box format is never taught
     assert not any(a.startswith("[") for a in answers)
     assert not any(r["id"].startswith("pretrain_grounding") for r in pre)

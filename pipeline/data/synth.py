@@ -67,6 +67,8 @@ class SynthSpec:
     pretrain_records: int = 1000  # generic records (captions, generic QA)
     pretrain_skill_per_task: int = 400  # skill records per task in SKILL_TASKS
     tasks: tuple = COIN_TASKS
+    # Generic pre-training records also use LLaVA-1.5's two generic instructions (synth_pretrain.py).
+    generic_instructions: bool = False
 
     def __post_init__(self) -> None:
         unit(self.image_size)  # validates: a positive multiple of 32
@@ -84,7 +86,10 @@ class SynthSpecMismatch(RuntimeError):
 
 
 def _spec_doc(spec: SynthSpec) -> dict:
-    return {**asdict(spec), "tasks": list(spec.tasks), "version": GENERATOR_VERSION}
+    doc = {**asdict(spec), "tasks": list(spec.tasks), "version": GENERATOR_VERSION}
+    if not spec.generic_instructions:  # absent by default: existing benchmarks keep their SPEC.json
+        del doc["generic_instructions"]
+    return doc
 
 
 def _rng(seed: int, stream: str) -> np.random.Generator:
@@ -204,7 +209,7 @@ def _generate_pretrain(w: _Writer, spec: SynthSpec) -> int:
 
     rng = _rng(spec.seed, "pretrain")
     for i in range(spec.pretrain_records):
-        add(f"pretrain_{i:05d}", *pretrain_sample(rng, spec.image_size))
+        add(f"pretrain_{i:05d}", *pretrain_sample(rng, spec.image_size, spec.generic_instructions))
     for task in (t for t in SKILL_TASKS if t in spec.tasks):
         rng = _rng(spec.seed, f"pretrain-skill/{task}")  # never a train/test stream
         for i in range(spec.pretrain_skill_per_task):
@@ -334,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("seed", "image_size", "train_per_task", "test_per_task", "pretrain_records", "pretrain_skill_per_task"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--tasks", nargs="+", default=list(defaults.tasks))
+    parser.add_argument("--generic-instructions", action="store_true",
+                        help="generic pre-training records also use LLaVA-1.5's two generic instructions")
     args = vars(parser.parse_args(argv))
     out_root = args.pop("out_root")
     print(json.dumps(generate_benchmark(out_root, SynthSpec(**{**args, "tasks": tuple(args["tasks"])})), indent=1))

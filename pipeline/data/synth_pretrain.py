@@ -8,11 +8,22 @@ Two parts, the way LLaVA-1.5 comes to CoIN already able to see and answer:
   on their own seed stream (never the train/test streams), asked as the bare question with, most of
   the time, a *pre-training dialect* reply hint ("Reply briefly.", "Give the letter only.").
 
-No record contains a task's CoIN instruction text (``INSTRUCTION_SUFFIXES``), and Grounding's box
-format is never taught: the base model meets CoIN's instructions and boxes first during continual
-tuning. Measured effect (issue 3): a 2-layer 128-wide model cannot learn these skills inside a task's
-few dozen tuning steps, so without skill records every method stayed near 0; with them, tuning has
-to learn each task's instruction format and answer conventions on top of a base that can see.
+By default no record contains a CoIN instruction text (``INSTRUCTION_SUFFIXES``), and Grounding's
+box format is never taught: the base model meets CoIN's instructions and boxes first during
+continual tuning. Measured effect (issue 3): a 2-layer 128-wide model cannot learn these skills
+inside a task's few dozen tuning steps, so without skill records every method stayed near 0; with
+them, tuning has to learn each task's instruction format and answer conventions on top of a base
+that can see. The unseen instructions derail that base: its zero-shot answers are "left"/"right"
+for nearly every question.
+
+``generic_instructions=True`` (``data.synth.generic_instructions``) gives the base what LLaVA-1.5's
+own instruction mix gives it: LLaVA-665K asks its VQA data with "Answer the question using a single
+word or phrase." and its multiple-choice data with "Answer with the option's letter from the given
+choices directly.", the texts CoIN's "Original" instructions reuse. Then some generic questions carry
+the first (``P_SHORT``), and some generic records open with a multiple-choice question about the
+visual world answered by letter (``P_CHOICE``). Skill records still never carry a CoIN instruction,
+and the task-specific instructions (ImageNet's question, Grounding's prefix and boxes) never appear.
+Measured in the README ("A base that knows LLaVA-1.5's generic instructions").
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ import numpy as np
 
 from . import synth_render as R
 from .synth_render import COLORS, SHAPES, Obj, pick
-from .synth_tasks import LABELS, TASKS, WORDS
+from .synth_tasks import LABELS, LETTER, SHORT, TASKS, WORDS
 
 COLOR_NAMES = tuple(COLORS)
 EXTRA_WORDS = ("sun", "cat", "dog", "home", "book", "road", "city", "art", "news", "map")
@@ -29,6 +40,11 @@ READ_WORDS = WORDS + LABELS + EXTRA_WORDS
 DARK_INKS = ((15, 15, 15), (170, 20, 20), (20, 40, 140))
 LIGHT_INKS = ((245, 245, 245), (240, 210, 60))
 NUMBER = ("zero", "one", "two", "three", "four", "five", "six")
+# The two generic instructions of LLaVA-1.5's instruction mix (the texts CoIN's "Original"
+# instructions reuse); with ``generic_instructions`` generic records carry them, skill records never.
+GENERIC_INSTRUCTIONS = (SHORT, LETTER)
+P_SHORT = 0.5  # share of generic short-answer questions asked with SHORT
+P_CHOICE = 0.25  # share of generic records (with shapes) that open with a multiple-choice question
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -50,8 +66,10 @@ def _side(o: Obj, size: int) -> str:
     return "left" if c < 0.4 else "right" if c > 0.6 else "middle"
 
 
-def pretrain_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """One image (0-4 shapes, maybe a written word) and 1-3 (question, answer) turns."""
+def pretrain_sample(rng: np.random.Generator, size: int, generic_instructions: bool = False
+                    ) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """One image (0-4 shapes, maybe a written word) and 1-3 (question, answer) turns; with
+    ``generic_instructions``, some turns in LLaVA-1.5's two generic instruction formats."""
     u = R.unit(size)
     canvas = _background(rng, size)
     word = pick(rng, READ_WORDS) if rng.random() < 0.3 else None
@@ -69,10 +87,11 @@ def pretrain_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, li
                   key=lambda o: o.cx)
     for o in objs:
         R.draw_obj(rng, canvas, o)
-    return canvas, _questions(rng, objs, word, size)
+    return canvas, _questions(rng, objs, word, size, generic_instructions)
 
 
-def _questions(rng: np.random.Generator, objs: list[Obj], word: str | None, size: int) -> list[tuple[str, str]]:
+def _questions(rng: np.random.Generator, objs: list[Obj], word: str | None, size: int,
+               generic_instructions: bool) -> list[tuple[str, str]]:
     parts = [f"{'an' if o.color[0] in 'aeiou' else 'a'} {o.color} {o.shape}" for o in objs]
     if word:
         parts.append(f"the word {word}")
@@ -106,7 +125,38 @@ def _questions(rng: np.random.Generator, objs: list[Obj], word: str | None, size
                              f"Is a {c} {s} visible?")), ans))
     order = rng.permutation(len(cands))
     n_turns = 1 if rng.random() < 0.6 else int(rng.integers(2, 4))
-    return [cands[i] for i in order[:n_turns]]
+    turns = [cands[i] for i in order[:n_turns]]
+    if not generic_instructions:  # (draws nothing more: the default corpus stays as it was)
+        return turns
+    turns = [(f"{q}\n{SHORT}" if i and rng.random() < P_SHORT else q, a)  # not the caption (cands[0])
+             for i, (q, a) in zip(order, turns)]
+    if objs and rng.random() < P_CHOICE:
+        turns = [_choice(rng, objs)] + turns[: n_turns - 1]
+    return turns
+
+
+def _choice(rng: np.random.Generator, objs: list[Obj]) -> tuple[str, str]:
+    """A multiple-choice question about the colour of the only object of its shape (or the shape of
+    the only object of its colour), answered by letter."""
+    shapes, colors = [o.shape for o in objs], [o.color for o in objs]
+    by_shape = [o for o in objs if shapes.count(o.shape) == 1]
+    by_color = [o for o in objs if colors.count(o.color) == 1]
+    if by_shape and (not by_color or rng.random() < 0.5):
+        o = pick(rng, by_shape)
+        q = pick(rng, (f"What colour is the {o.shape}?", f"Which colour does the {o.shape} have?"))
+        right, pool = o.color, COLOR_NAMES
+    elif by_color:
+        o = pick(rng, by_color)
+        q = pick(rng, (f"Which shape is {o.color}?", f"What kind of shape is the {o.color} one?"))
+        right, pool = o.shape, SHAPES
+    else:  # every shape and every colour repeats: ask how many objects there are
+        q, right, pool = "How many shapes can you see?", str(len(objs)), ("1", "2", "3", "4", "5")
+    k = int(rng.integers(2, 5))
+    options = [right] + [pool[i] for i in rng.permutation(len(pool)) if pool[i] != right][: k - 1]
+    options = [options[i] for i in rng.permutation(len(options))]
+    letters = "ABCD"
+    text = q + "\n" + "\n".join(f"{letters[i]}. {x}" for i, x in enumerate(options)) + "\n" + LETTER
+    return text, letters[options.index(right)]
 
 
 # Tasks whose skill is pre-trained (Grounding's boxes are left for continual tuning to learn).
