@@ -274,6 +274,23 @@ def test_grounding_boxes_at_64_pixels(tmp_path):
 # ---- pre-training corpus --------------------------------------------------------------------
 
 
+def _is_generic(rec: dict) -> bool:
+    """A generic pre-training record (``pretrain_00012``), not a skill record (``pretrain_gqa_00012``)."""
+    return re.fullmatch(r"pretrain_\d{5}", rec["id"]) is not None
+
+
+def _assert_skills_taught_and_no_boxes(pre: list[dict], answers: Counter) -> None:
+    # Grounding's box format is never taught
+    assert not any(a.startswith("[") for a in answers)
+    assert not any(r["id"].startswith("pretrain_grounding") for r in pre)
+    # the skill records carry the tasks' answer conventions (letters, class names, "unanswerable")
+    assert {"A", "B", "C"} <= set(answers) and set(IMAGENET_CLASSES) & set(answers) and UNANSWERABLE in answers
+    assert set(COLORS) & set(answers) and {"yes", "no"} <= set(answers)
+    per_task = Counter(r["id"].rsplit("_", 1)[0] for r in pre)
+    for task in SKILL_TASKS:
+        assert per_task[f"pretrain_{task.lower()}"] == SPEC.pretrain_skill_per_task
+
+
 def test_pretrain_teaches_skills_but_never_coin_instructions_or_boxes(bench):
     pre = json.loads((bench / "pretrain" / "train.json").read_text())
     suffix_lines = {line for s in INSTRUCTION_SUFFIXES.values() for line in s.split("\n")}
@@ -290,26 +307,15 @@ def test_pretrain_teaches_skills_but_never_coin_instructions_or_boxes(bench):
             assert not any(line in text for line in suffix_lines), text
             assert text not in test_texts, text
         answers.update(t["value"] for t in conv[1::2])
-    # Grounding's box format is never taught
-    assert not any(a.startswith("[") for a in answers)
-    assert not any(r["id"].startswith("pretrain_grounding") for r in pre)
-    # the skill records carry the tasks' answer conventions (letters, class names, "unanswerable")
-    assert {"A", "B", "C"} <= set(answers) and set(IMAGENET_CLASSES) & set(answers) and UNANSWERABLE in answers
-    assert set(COLORS) & set(answers) and {"yes", "no"} <= set(answers)
-    per_task = Counter(r["id"].rsplit("_", 1)[0] for r in pre)
-    for task in SKILL_TASKS:
-        assert per_task[f"pretrain_{task.lower()}"] == SPEC.pretrain_skill_per_task
+    _assert_skills_taught_and_no_boxes(pre, answers)
 
 
-def test_generic_instructions_appear_only_on_generic_records_and_only_the_generic_ones(tmp_path):
-    spec = dataclasses.replace(SPEC, generic_instructions=True)
-    bench = tmp_path / "gi"
-    summary = generate_benchmark(bench, spec)
+def test_generic_instructions_appear_only_on_generic_records_and_only_the_generic_ones(tmp_path, bench):
+    default_bench, bench = bench, tmp_path / "gi"
+    summary = generate_benchmark(bench, dataclasses.replace(SPEC, generic_instructions=True))
     assert json.loads((bench / "SPEC.json").read_text())["spec"]["generic_instructions"] is True, summary
-    default_pre = tmp_path / "default"
-    generate_benchmark(default_pre, SPEC)
     # only the generic records change: the task streams and the skill records are the same files
-    a, b = tree_hashes(bench), tree_hashes(default_pre)
+    a, b = tree_hashes(bench), tree_hashes(default_bench)
     changed = {k for k in a if a[k] != b.get(k)}
     assert changed and all(k in ("SPEC.json", "pretrain/train.json") or re.fullmatch(r"images/pretrain/pretrain_\d{5}\.png", k)
                            for k in changed), sorted(changed)[:5]
@@ -322,7 +328,7 @@ def test_generic_instructions_appear_only_on_generic_records_and_only_the_generi
     answers, instructed = Counter(), Counter()
     for rec in pre:
         conv = rec["conversations"]
-        generic = re.fullmatch(r"pretrain_\d{5}", rec["id"]) is not None
+        generic = _is_generic(rec)
         assert conv[0]["value"].startswith(IMAGE_TOKEN + "\n")
         assert rec["image"].startswith("pretrain/") and rec["image"] not in train_images
         for human, gpt in zip(conv[0::2], conv[1::2]):
@@ -340,17 +346,9 @@ def test_generic_instructions_appear_only_on_generic_records_and_only_the_generi
             else:  # skill records never carry a CoIN instruction
                 assert not generic_lines & set(lines), text
         answers.update(t["value"] for t in conv[1::2])
-    turns = sum(len(r["conversations"]) // 2 for r in pre if re.fullmatch(r"pretrain_\d{5}", r["id"]))
+    turns = sum(len(r["conversations"]) // 2 for r in pre if _is_generic(r))
     assert 0.1 * turns < instructed[SHORT] < 0.6 * turns and 0.03 * turns < instructed[LETTER] < 0.3 * turns
-    # Grounding's box format is never taught
-    assert not any(a.startswith("[") for a in answers)
-    assert not any(r["id"].startswith("pretrain_grounding") for r in pre)
-    # the skill records carry the tasks' answer conventions (letters, class names, "unanswerable")
-    assert {"A", "B", "C"} <= set(answers) and set(IMAGENET_CLASSES) & set(answers) and UNANSWERABLE in answers
-    assert set(COLORS) & set(answers) and {"yes", "no"} <= set(answers)
-    per_task = Counter(r["id"].rsplit("_", 1)[0] for r in pre)
-    for task in SKILL_TASKS:
-        assert per_task[f"pretrain_{task.lower()}"] == SPEC.pretrain_skill_per_task
+    _assert_skills_taught_and_no_boxes(pre, answers)
 
 
 def test_benchmark_texts_cover_questions_and_answers(bench):
