@@ -32,7 +32,7 @@ import numpy as np
 
 from . import synth_render as R
 from .synth_render import COLORS, SHAPES, Obj, pick
-from .synth_tasks import LABELS, LETTER, SHORT, TASKS, WORDS
+from .synth_tasks import LABELS, LETTER, SHORT, TASKS, WORDS, lettered
 
 COLOR_NAMES = tuple(COLORS)
 EXTRA_WORDS = ("sun", "cat", "dog", "home", "book", "road", "city", "art", "news", "map")
@@ -153,10 +153,8 @@ def _choice(rng: np.random.Generator, objs: list[Obj]) -> tuple[str, str]:
         q, right, pool = "How many shapes can you see?", str(len(objs)), ("1", "2", "3", "4", "5")
     k = int(rng.integers(2, 5))
     options = [right] + [pool[i] for i in rng.permutation(len(pool)) if pool[i] != right][: k - 1]
-    options = [options[i] for i in rng.permutation(len(options))]
-    letters = "ABCD"
-    text = q + "\n" + "\n".join(f"{letters[i]}. {x}" for i, x in enumerate(options)) + "\n" + LETTER
-    return text, letters[options.index(right)]
+    text, letter = lettered(rng, q, options)
+    return f"{text}\n{LETTER}", letter
 
 
 # Tasks whose skill is pre-trained (Grounding's boxes are left for continual tuning to learn).

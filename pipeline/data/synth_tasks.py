@@ -169,10 +169,15 @@ def scienceqa(rng: np.random.Generator, size: int, train: bool) -> Sample:
     if kind == "larger":  # the smaller shape's colour is always among the options
         distractors = [small.color] + [d for d in distractors if d != small.color]
     options = [right] + distractors[: k - 1]
-    options = [options[i] for i in rng.permutation(len(options))]
-    letters = "ABCD"
-    text = q + "\n" + "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(options))
-    return Sample(canvas, [(text, letters[options.index(right)])], 1.0 / len(options))
+    return Sample(canvas, [lettered(rng, q, options)], 1.0 / len(options))
+
+
+def lettered(rng: np.random.Generator, question: str, options: list[str]) -> tuple[str, str]:
+    """(question with the shuffled options listed "A. ..", one per line; the right one's letter).
+    ``options[0]`` is the right answer."""
+    shuffled = [options[i] for i in rng.permutation(len(options))]
+    text = question + "\n" + "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(shuffled))
+    return text, "ABCD"[shuffled.index(options[0])]
 
 
 # ---------------------------------------------------------------------------------------------
