@@ -41,6 +41,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train.torch import TorchTrainer
 
 from pipeline.config import ExperimentConfig, config_from_dict
+from pipeline.methods.base import GradAccess, adjust_gradients, finish_task
 from stages.common import (
     BaseModels,
     build_method_for,
@@ -65,6 +66,31 @@ class _TrainCollate(NumpyBatchCollateFn):
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.lmm.collate(batch, train=True)
+
+
+class EngineGrads(GradAccess):
+    """``GradAccess`` through a DeepSpeed engine: full gradients under every ZeRO stage (collective
+    under ZeRO-3, where every rank calls the hook). Valid between ``backward`` and ``step``."""
+
+    def get(self, param):
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(param)
+
+    def set(self, param, grad) -> None:
+        from deepspeed.utils import safe_set_full_grad
+
+        safe_set_full_grad(param, grad)
+
+
+def mean_over_workers(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over the data-parallel workers (in place); itself with one worker."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
 
 
 def _save_checkpoint(method, progress: dict[str, Any], tasks_done: list[int], final: bool, job: str,
@@ -153,6 +179,7 @@ def _train_job(config: dict[str, Any], *, t_enter: float, dataset_name: str, fin
     shard = ray.train.get_dataset_shard(dataset_name)
     collate = _TrainCollate(lmm)
     progress_file = Path(config["progress_file"]) if rank == 0 else None
+    grads = EngineGrads()
     step, epoch, t_start, seen, last_loss = 0, 0, time.time(), 0, float("nan")
     loop_s = 0.0
     while step < total_steps:
@@ -172,6 +199,8 @@ def _train_job(config: dict[str, Any], *, t_enter: float, dataset_name: str, fin
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             loss = engine(batch)
             engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary():
+                adjust_gradients(method, grads)
             engine.step()
             loop_s += time.time() - t0
             step += 1
@@ -188,12 +217,19 @@ def _train_job(config: dict[str, Any], *, t_enter: float, dataset_name: str, fin
                 _save_checkpoint(method, {"step": step, "loss": last_loss}, [], final=False, job=job)
         epoch += 1
 
-    method.end_task(task_index)
+    def task_batches():  # for an optional end-of-task pass (consolidate): one epoch, in order
+        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, collate_fn=collate, device="cpu"):
+            yield {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    t0 = time.time()
+    consolidated = finish_task(method, task_index, task_batches, mean_over_workers)
+    consolidate_s = time.time() - t0 if consolidated else 0.0
     done = list(range(task_index + 1)) if config["schedule"] == "sequential" else [task_index]
     _save_checkpoint(
         method,
         {"step": step, "loss": last_loss, "train_loop_s": loop_s, "samples": seen,
-         "samples_per_s": seen / max(1e-9, loop_s), "setup": setup, "resumed_from_step": start_step},
+         "samples_per_s": seen / max(1e-9, loop_s), "setup": setup, "resumed_from_step": start_step,
+         "consolidate_s": consolidate_s},
         done, final=True, job=job, dir_name=final_dir,
     )
     engine.destroy()  # a resident worker initialises DeepSpeed again for its next job

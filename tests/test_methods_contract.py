@@ -20,7 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.methods.base import ContinualMethod, build_method, registered_methods
+from pipeline.methods.base import (
+    ContinualMethod,
+    GradAccess,
+    adjust_gradients,
+    build_method,
+    finish_task,
+    registered_methods,
+)
 
 METHODS = registered_methods()
 MAX_NEW = 3
@@ -131,16 +138,24 @@ def _build(name: str, seed: int = 0) -> tuple[ContinualMethod, object, object]:
 
 
 def _train(method: ContinualMethod, batch: dict, steps: int, lr: float = 1e-2) -> list[float]:
-    """Plain AdamW loop on one fixed batch; returns the losses seen."""
+    """Plain AdamW loop on one fixed batch, with the optional gradient hook as the train stage
+    calls it; returns the losses seen."""
     opt = torch.optim.AdamW(method.trainable_parameters(), lr=lr, weight_decay=0.0)
     losses = []
     for _ in range(steps):
         loss = method(batch)
         opt.zero_grad()
         loss.backward()
+        adjust_gradients(method, GradAccess())
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def _end(method: ContinualMethod, t: int, batch: dict) -> None:
+    """End task t as the train stage does: the optional consolidate pass over the task's data
+    (here its one toy batch), then end_task."""
+    finish_task(method, t, lambda: [batch])
 
 
 def _schedule_tasks(method: ContinualMethod) -> list[str]:
@@ -187,7 +202,7 @@ def _after_first_task(name: str) -> tuple[ContinualMethod, object]:
         pytest.skip("only sequential methods learn task after task")
     method.begin_task(0, "task_a")
     _train(method, batch_for(lmm, "task_a"), 3)
-    method.end_task(0)
+    _end(method, 0, batch_for(lmm, "task_a"))
     return method, lmm
 
 
@@ -199,7 +214,7 @@ def test_old_task_state_bit_identical(name: str) -> None:
     assert set(keys0) <= set(before)
     method.begin_task(1, "task_b")
     _train(method, batch_for(lmm, "task_b"), 3)
-    method.end_task(1)
+    _end(method, 1, batch_for(lmm, "task_b"))
     after = method.state_tensors()
     assert all(torch.equal(before[k], after[k]) for k in keys0)
     assert not set(keys0) & set(method.task_keys(1))
@@ -212,7 +227,7 @@ def test_state_roundtrip_through_safetensors(name: str, tmp_path) -> None:
     for t, task in enumerate(tasks):
         method.begin_task(t, task)
         _train(method, batch_for(lmm, task), 3)
-        method.end_task(t)
+        _end(method, t, batch_for(lmm, task))
     path = tmp_path / "state.safetensors"
     save_file(method.state_tensors(), str(path))
 
@@ -248,7 +263,7 @@ def test_two_task_toy_run_lowers_loss(name: str) -> None:
     for t, task in enumerate(_schedule_tasks(method)):
         method.begin_task(t, task)
         losses = _train(method, batch_for(lmm, task), STEPS)
-        method.end_task(t)
+        _end(method, t, batch_for(lmm, task))
         assert losses[-1] < 0.9 * losses[0], f"{name} task {t}: {losses[0]:.3f} -> {losses[-1]:.3f}"
         assert method.trainable_parameters() == []  # end_task froze it
 

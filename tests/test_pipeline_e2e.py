@@ -160,6 +160,25 @@ def test_one_fit_per_stage_gives_the_same_results(small_run, tmp_path, cache_dir
     assert _results(out)["metrics"] == _results(resident)["metrics"]
 
 
+def test_ewc_consolidates_in_the_train_stage_and_each_task_keeps_its_fisher(tmp_path, cache_dir):
+    """A method with the optional ``consolidate`` hook through the real stages: the train worker
+    runs the end-of-task pass, the freeze stage stores what it computed, the next train stage
+    restores it (the penalty needs it) and task 0's entries stay bit-identical."""
+    out = tmp_path / "ewc"
+    proc = _run(out, cache_dir, "--method", "ewc")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    first, second = _frozen_state(out, "03-freeze-ScienceQA"), _frozen_state(out, "06-freeze-TextVQA")
+    fisher0 = sorted(k for k in first if k.startswith("ewc.0.fisher."))
+    assert fisher0 and not any(k.startswith("ewc.1.") for k in first)
+    assert sum(first[k].sum().item() for k in fisher0) > 0
+    task0 = [k for k in first if k.startswith("ewc.0.")]
+    assert all(torch.equal(first[k], second[k]) for k in task0)
+    assert sorted(k.replace("ewc.1.", "ewc.0.", 1) for k in second if k.startswith("ewc.1.")) == sorted(task0)
+    manifest = json.loads((out / "stages" / "06-freeze-TextVQA" / "manifest.json").read_text())
+    assert sorted(manifest["task_keys"]["0"]) == sorted(task0)
+    assert [len(r) for r in _results(out)["matrix"]] == [1, 2]
+
+
 def test_other_config_cannot_reuse_a_run_directory(tmp_path, cache_dir):
     out = tmp_path / "run"
     out.mkdir()

@@ -20,6 +20,28 @@ The stages only ever talk to this protocol:
     task_keys(t)               -> the names in state_tensors() that belong to task t and must be
                                   bit-identical forever after end_task(t)
 
+Two optional hooks, for methods that need them (the train stage calls them when a method defines
+them; ``adjust_gradients`` / ``finish_task`` below are the one place that decides how):
+
+    adjust_gradients(grads)    -> after the backward pass that completes an optimiser step, before
+                                  the step: read and replace full gradients through ``grads``
+                                  (a ``GradAccess``), e.g. DRAPE's null-space projection. Never
+                                  ``p.grad`` directly: under ZeRO the engine keeps gradients in its
+                                  own partitioned buffers (the stage passes DeepSpeed's
+                                  safe_get_full_grad / safe_set_full_grad).
+    consolidate(t, batches, mean_over_workers)
+                               -> after task t's last training step, before end_task(t): one pass
+                                  over task t's training data (this worker's shard, training
+                                  batches) for end-of-task statistics: EWC's Fisher, DRAPE's
+                                  feature covariance, ProgLoRA's task embeddings. Whatever it keeps
+                                  must be in state_tensors() (the freeze stage stores that), reduced
+                                  across data-parallel workers with ``mean_over_workers(tensor)``
+                                  (rank 0 writes the state). Gradients here must come from
+                                  ``torch.autograd.grad``, which leaves ``.grad`` and the
+                                  optimiser engine's gradient hooks alone.
+
+Loss terms (EWC's penalty, LwF's distillation) need no hook: they are part of ``training_loss``.
+
 Design notes (see shared/docs/style.md): one method = one module + one ``@register`` line; the
 method is chosen by name in the experiment config; method code never imports ray.
 """
@@ -74,6 +96,54 @@ class ContinualMethod(Protocol):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
 
     def task_keys(self, task_index: int) -> list[str]: ...
+
+
+class GradAccess:
+    """Full gradients of trainable parameters, as ``adjust_gradients`` sees them.
+
+    This default reads and writes ``p.grad`` (a plain torch optimiser). The train stage passes a
+    subclass that goes through the DeepSpeed engine, whose ZeRO stages keep gradients elsewhere.
+    """
+
+    def get(self, param: nn.Parameter) -> torch.Tensor | None:
+        return param.grad
+
+    def set(self, param: nn.Parameter, grad: torch.Tensor) -> None:
+        if param.grad is None:
+            param.grad = grad.detach().clone()
+        else:
+            param.grad.copy_(grad)
+
+
+def adjust_gradients(method: Any, grads: GradAccess) -> bool:
+    """Run the method's optional ``adjust_gradients`` hook; True if it has one."""
+    hook = getattr(method, "adjust_gradients", None)
+    if hook is None:
+        return False
+    hook(grads)
+    return True
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def finish_task(
+    method: Any,
+    task_index: int,
+    batches: Callable[[], Iterable[dict[str, Any]]],
+    mean_over_workers: Callable[[torch.Tensor], torch.Tensor] = _identity,
+) -> bool:
+    """End task ``task_index``: the optional ``consolidate`` pass, then ``end_task``.
+
+    ``batches`` is called (once) only if the method consolidates, so methods without the hook
+    cost no extra pass over the data. Returns True if ``consolidate`` ran.
+    """
+    hook = getattr(method, "consolidate", None)
+    if hook is not None:
+        hook(task_index, batches(), mean_over_workers)
+    method.end_task(task_index)
+    return hook is not None
 
 
 # name -> factory(method_cfg: dict, lmm, guide) -> ContinualMethod

@@ -3,4 +3,4 @@
 Adding a method = adding its module under ``pipeline/methods/`` and one import line here.
 """
 
-from pipeline.methods import lora, modalprompt, multitask, zeroshot  # noqa: F401
+from pipeline.methods import ewc, lora, modalprompt, multitask, zeroshot  # noqa: F401

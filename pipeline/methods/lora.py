@@ -88,10 +88,11 @@ class SequentialLoRA(nn.Module):
     name: ClassVar[str] = "lora"
     task_id_at_test: ClassVar[bool] = False
     schedule: ClassVar[str] = "sequential"
+    options_class: ClassVar[type] = LoRAOptions  # subclasses (ewc) extend the options
 
     def __init__(self, options: dict[str, Any] | None, lmm: Any, guide: Any) -> None:
         super().__init__()
-        self.opts: LoRAOptions = parse_options(self.name, options, LoRAOptions)
+        self.opts: LoRAOptions = parse_options(self.name, options, self.options_class)
         hold_frozen(self, lmm=lmm, guide=guide)
         self._adapter = inject_lora(lmm.model, self.opts)
         self.model = lmm.model  # registered: see the module docstring
