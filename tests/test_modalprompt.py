@@ -235,3 +235,16 @@ def test_trained_prototypes_route_each_task_to_its_own_prompts(models) -> None:
         batch = batch_for(lmm, task, train=False)
         del batch["tasks"]
         assert [sel[0] for sel in method.generate(batch, 1).selected] == [t] * 4
+
+
+def test_restoring_state_draws_no_random_numbers(models) -> None:
+    """A restored (resumed) run must draw the same random numbers afterwards as one that was never
+    interrupted: load_state_tensors leaves the global RNG alone and restores exact values."""
+    state = _method(models, 3).state_tensors()
+    fresh = build_method("modalprompt", {"M": M}, *models)
+    torch.manual_seed(11)
+    rng = torch.get_rng_state()
+    fresh.load_state_tensors(state)
+    assert torch.equal(torch.get_rng_state(), rng)
+    got = fresh.state_tensors()
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)

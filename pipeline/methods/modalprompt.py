@@ -13,6 +13,11 @@ Per task t (0-based here):
 
 Guidance of a sample: x_v = guide.encode_image(guide_pixels), x_i = guide.encode_text(guide_text)
 (the instruction only), both (B, d_guide).  score_t = lam*cos(x_v, proto^t) + (1-lam)*cos(x_i, proto^t).
+x_i is open_clip's text embedding: the end-of-text token's state, projected into the joint
+image-text space, i.e. the text counterpart of the projected image embedding x_v, so that one
+prototype can be near both. (methods.md records that the reference code takes the text tower's
+pooled output; its text-tower module is not in the public code we could read, so whether it
+projects is not known. With CLIP ViT-L/14 both have 768 dimensions.)
 
 Design choices (documented here because the paper leaves them open):
 
@@ -28,9 +33,16 @@ Design choices (documented here because the paper leaves them open):
 * Soft fusion (``temperature`` > 0, an extension): the top-k sets are still the only ones used and the
   prefix stays M*k tokens, but set j is scaled by w_j = sigmoid((s_j - m) / temperature), m being the
   midpoint between the k-th and (k+1)-th largest score (all w_j = 1 when there is no (k+1)-th set).
-  Every selected s_j > m, so w_j -> 1 as temperature -> 0: exactly the paper's hard top-k (in float32
-  the sigmoid is exactly 1.0 once (s_j - m)/temperature > ~17). During training the same rule is
-  applied to the previous tasks competing for the k-1 free slots; the current task has weight 1.
+  A selected s_j > m unless it ties with the (k+1)-th score, so w_j -> 1 as temperature -> 0:
+  exactly the paper's hard top-k (in float32 the sigmoid is exactly 1.0 once (s_j - m)/temperature
+  > ~17). At an exact tie of the k-th and (k+1)-th scores (e.g. two identical prototypes) the
+  tied set gets 0.5 at every temperature, where hard top-k keeps one of the two in full.
+  During training the same rule is applied to the previous tasks competing for the k-1 free
+  slots; the current task has weight 1.
+  Why a sigmoid gate and not a softmax over the scores, as the issue that asked for the
+  temperature put it: a softmax's limit as temperature -> 0 is a one-hot on the single best set
+  (top-1), not k sets at full weight, so it cannot reduce to the paper's top-k as required. The
+  gate around the k-th/(k+1)-th boundary is the soft top-k whose limit is exactly that.
 """
 
 from __future__ import annotations
@@ -123,10 +135,11 @@ class ModalPrompt(nn.Module):
     name: ClassVar[str] = "modalprompt"
     task_id_at_test: ClassVar[bool] = False
     schedule: ClassVar[str] = "sequential"
+    options_class: ClassVar[type] = ModalPromptOptions
 
     def __init__(self, options: dict[str, Any] | None, lmm: Any, guide: Any) -> None:
         super().__init__()
-        self.opts: ModalPromptOptions = parse_options(self.name, options, ModalPromptOptions)
+        self.opts: ModalPromptOptions = parse_options(self.name, options, self.options_class)
         hold_frozen(self, lmm=lmm, guide=guide)
         self.d_llm = int(lmm.hidden_size)
         self.d_guide = int(guide.dim)
@@ -138,10 +151,19 @@ class ModalPrompt(nn.Module):
     def num_tasks(self) -> int:
         return len(self.tasks)
 
-    def _new_task_params(self) -> None:
-        """Append X_p^t and Proj_p^t for the next task (frozen until ``begin_task``)."""
+    def _new_task_params(self, restoring: bool = False) -> None:
+        """Append X_p^t and Proj_p^t for the next task (frozen until ``begin_task``).
+
+        ``restoring``: the values are about to be overwritten by a stored state, so nothing is
+        drawn from the global RNG (a restored run then draws the same numbers afterwards as the
+        run that was never interrupted)."""
         table = self.lmm.model.get_input_embeddings().weight.detach()
         device = table.device
+        if restoring:
+            with torch.random.fork_rng(devices=[]):  # Proj_p's init draws too
+                self.tasks.append(TaskPrompt(torch.zeros(self.opts.M, self.d_llm, device=device), self.d_guide)
+                                  .requires_grad_(False))
+            return
         with torch.no_grad():
             mean = table.float().mean(dim=0)
             std = table.float().std()
@@ -188,7 +210,7 @@ class ModalPrompt(nn.Module):
         task_ids = {int(m.group(1)) for k in tensors if (m := re.match(r"tasks\.(\d+)\.", k))}
         n = max(task_ids) + 1 if task_ids else 0
         while self.num_tasks < n:
-            self._new_task_params()
+            self._new_task_params(restoring=True)
         with gathered(self.parameters(), modifier_rank=0):
             self.load_state_dict(tensors, strict=True)
         for t in range(self.num_tasks):
