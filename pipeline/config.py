@@ -192,6 +192,14 @@ class ExperimentConfig:
             raise ConfigError("eval.batch_size and eval.concurrency must be >= 1")
         if not self.resources.decode_cpus > 0:
             raise ConfigError("resources.decode_cpus: must be > 0")
+        from pipeline.methods.base import validate_method_options
+
+        try:  # a misspelt option fails here, not minutes later on a training worker
+            validate_method_options(self.method.name, self.method.options)
+        except KeyError as exc:
+            raise ConfigError(f"method.name: {exc.args[0] if exc.args else exc}") from None
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"method.options: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -54,6 +54,11 @@ def test_generic_instructions_option_names_its_own_benchmark_directory():
         (["data.source=ftp"], "data.source"),
         (["model.kind=huge"], "kind"),
         (["noequals"], "expected key=value"),
+        # method options are checked at load time, not on a training worker minutes later
+        (["method.options.kk=2"], r"method.options: method 'modalprompt': unknown option\(s\) \['kk'\]"),
+        (["method.options.k=0"], "method.options: modalprompt: k and M must be >= 1"),
+        (["method.name=foo"], "method.name: unknown continual method 'foo'"),
+        (["method.name=zeroshot"], r"method.options: method 'zeroshot': takes no options"),
     ],
 )
 def test_bad_config_errors_name_the_key(override, message):

@@ -20,6 +20,9 @@ The stages only ever talk to this protocol:
     task_keys(t)               -> the names in state_tensors() that belong to task t and must be
                                   bit-identical forever after end_task(t)
 
+A method class also names its options dataclass as ``options_class`` (None: no options), so that
+a config's options are checked when it is loaded (``validate_method_options``).
+
 Two optional hooks, for methods that need them (the train stage calls them when a method defines
 them; ``adjust_gradients`` / ``finish_task`` below are the one place that decides how):
 
@@ -165,6 +168,22 @@ def register(name: str) -> Callable[[Callable[..., ContinualMethod]], Callable[.
 def registered_methods() -> list[str]:
     _import_builtin_methods()
     return sorted(_REGISTRY)
+
+
+def validate_method_options(name: str, options: dict[str, Any] | None) -> None:
+    """Check a config's method name and options without building anything (no models needed),
+    so that a misspelt option fails when the config is loaded, not on a training worker.
+
+    A method class declares its options dataclass as ``options_class`` (None: takes no options)."""
+    _import_builtin_methods()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown continual method {name!r}; registered: {sorted(_REGISTRY)}")
+    cls = getattr(_REGISTRY[name], "options_class", None)
+    if cls is None:
+        if options:
+            raise ValueError(f"method {name!r}: takes no options (got {sorted(options)})")
+        return
+    parse_options(name, options, cls)
 
 
 def build_method(name: str, options: dict[str, Any], lmm: Any, guide: Any) -> ContinualMethod:

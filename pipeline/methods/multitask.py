@@ -24,10 +24,11 @@ class MultiTaskLoRA(nn.Module):
     name: ClassVar[str] = "multitask"
     task_id_at_test: ClassVar[bool] = False
     schedule: ClassVar[str] = "joint"
+    options_class: ClassVar[type] = LoRAOptions
 
     def __init__(self, options: dict[str, Any] | None, lmm: Any, guide: Any) -> None:
         super().__init__()
-        parse_options(self.name, options, LoRAOptions)  # errors name "multitask", not "lora"
+        parse_options(self.name, options, self.options_class)  # errors name "multitask", not "lora"
         self.lora = SequentialLoRA(options, lmm, guide)
 
     def begin_task(self, task_index: int, task_name: str = "") -> None:

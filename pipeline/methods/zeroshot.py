@@ -21,6 +21,7 @@ class ZeroShot(nn.Module):
     name: ClassVar[str] = "zeroshot"
     task_id_at_test: ClassVar[bool] = False
     schedule: ClassVar[str] = "none"
+    options_class: ClassVar[None] = None  # takes no options
 
     def __init__(self, options: dict[str, Any] | None, lmm: Any, guide: Any) -> None:
         super().__init__()
