@@ -35,8 +35,26 @@ def setup_process_env() -> None:
 TRAIN_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
+PG_CLEANER_THREAD = "PlacementGroupCleanerMonitor"
+
+
 def quiet_local_ray_worker() -> None:
     """``worker_process_setup_hook`` of the in-process Ray only: the PlacementGroupCleaner's
-    "State API may be temporarily unavailable" warnings are dropped (errors still show).
-    On a cluster (``RAY_ADDRESS``) nothing is changed."""
+    "State API may be temporarily unavailable" warnings are dropped (errors still show), and when
+    its monitor thread dies because the State API cannot reach the cluster without a dashboard
+    (a 30-line traceback once per fit, 2026-11-23), one line says so instead. Every other
+    thread's exceptions print as before. On a cluster (``RAY_ADDRESS``) nothing is changed."""
+    import threading
+
     logging.getLogger(TRAIN_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.thread is not None and args.thread.name == PG_CLEANER_THREAD:
+            print(f"PlacementGroupCleaner: monitor stopped ({args.exc_type.__name__}: {args.exc_value}); "
+                  "expected in the in-process Ray, which has no dashboard and ends with the driver",
+                  file=sys.stderr, flush=True)
+            return
+        previous(args)
+
+    threading.excepthook = hook

@@ -43,7 +43,8 @@ class Predictor:
 
         t0 = time.time()
         batch = self.lmm.collate(rows, train=False)
-        batch.pop("tasks", None)  # no task identity at test time
+        if not getattr(self.method, "task_id_at_test", False):  # only oracle variants see it
+            batch.pop("tasks", None)  # no task identity at test time
         batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with torch.no_grad():
             gen = self.method.generate(batch, self.max_new)

@@ -12,7 +12,7 @@ import ray
 
 from pipeline.config import ExperimentConfig
 from pipeline.data import storage
-from pipeline.data.coin import decode_image, list_images, parse_records, scan_split
+from pipeline.data.coin import BadRecordsError, decode_image, list_images, parse_records, scan_split
 from stages.common import BaseModels, data_source, synth_root
 
 
@@ -42,14 +42,13 @@ def run_data_stage(cfg: ExperimentConfig, stage_dir: Path, log: Callable[[str], 
             counts[task][split] = {"records": res.total, "valid": len(res.rows), "bad": len(res.bad)}
             bad_all += [b.to_dict() for b in res.bad]
             if res.bad and (split == "test" or cfg.data.on_bad == "error"):
-                problems.append(res.bad[0].message())
+                problems.append(res.bad[0])
     report = {"source": {"instructions_root": source.instructions_root, "image_root": source.image_root},
               "counts": counts, "bad": bad_all, "images_found": len(images), **summary}
     (stage_dir / "data_report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     if problems:
-        raise RuntimeError(
-            f"data: {len(bad_all)} bad record(s) (see {stage_dir / 'data_report.json'}); first: {problems[0]}"
-        )
+        hint = f" (no image file at all under {source.image_root}: is data.image_root right?)" if not images else ""
+        raise BadRecordsError(problems[0], len(bad_all), str(stage_dir / "data_report.json"), hint)
     return {"bad_records": len(bad_all), "train_records": sum(c["train"]["valid"] for c in counts.values()),
             "test_records": sum(c["test"]["valid"] for c in counts.values())}
 

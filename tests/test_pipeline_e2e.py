@@ -95,6 +95,7 @@ def test_small_pipeline_end_to_end(small_run, cache_dir):
     assert "Accuracy matrix" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
     # the in-process Ray has no dashboard: Train's placement-group cleaner must not warn every second
     assert "State API may be temporarily unavailable" not in proc.stdout + proc.stderr
+    assert "Exception in thread PlacementGroupCleanerMonitor" not in proc.stdout + proc.stderr
 
     # every stage left a verified marker; predictions reconcile with the test records
     stages = sorted(p.name for p in (out / "stages").iterdir())
@@ -177,6 +178,23 @@ def test_ewc_consolidates_in_the_train_stage_and_each_task_keeps_its_fisher(tmp_
     manifest = json.loads((out / "stages" / "06-freeze-TextVQA" / "manifest.json").read_text())
     assert sorted(manifest["task_keys"]["0"]) == sorted(task0)
     assert [len(r) for r in _results(out)["matrix"]] == [1, 2]
+
+
+def test_bad_coin_records_stop_the_run_with_one_line_naming_file_record_and_field(tmp_path):
+    from tests.test_data_reader import FILES, write_coin_layout
+
+    files = json.loads(json.dumps(FILES))
+    files["ScienceQA/train.json"].append({"id": "sqa-bad", "image": "sqa/1.png"})  # no conversations
+    source = write_coin_layout(tmp_path / "coin", files)
+    cmd = [PY, "pipeline/main.py", "--output", str(tmp_path / "run"), f"cache_dir={tmp_path / 'cache'}",
+           "data.source=coin", f"data.root={Path(source.instructions_root).parent}",
+           f"data.image_root={source.image_root}", "tasks=[ScienceQA,TextVQA]", "resources.num_cpus=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data: 1 bad record(s)"), last
+    assert "ScienceQA/train.json: record 2 (id=sqa-bad) field 'conversations'" in last
+    assert "Traceback" not in proc.stderr
 
 
 def test_other_config_cannot_reuse_a_run_directory(tmp_path, cache_dir):

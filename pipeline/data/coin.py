@@ -79,6 +79,20 @@ class DataError(ValueError):
         return (DataError, (self.bad,))
 
 
+class BadRecordsError(DataError):
+    """The data stage's scan found ``count`` bad records; ``bad`` is the first, ``report`` the file
+    that lists them all."""
+
+    def __init__(self, bad: BadRecord, count: int, report: str, hint: str = "") -> None:
+        super().__init__(bad)
+        self.count, self.report, self.hint = count, report, hint
+        ValueError.__init__(self, f"data: {count} bad record(s) (all listed in {report}); first: "
+                                  f"{bad.message()}{hint}")
+
+    def __reduce__(self):
+        return (BadRecordsError, (self.bad, self.count, self.report, self.hint))
+
+
 @dataclass
 class LoadResult:
     """Validated rows of one split plus every bad record found (see the module docstring)."""
