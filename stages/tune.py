@@ -60,7 +60,11 @@ gets ``results.csv``/``results.json`` (trial, parameters, status, objective, met
 
 Resume: ``tune --resume --output DIR`` restores the Tune experiment in ``DIR/tune`` with
 ``Tuner.restore`` (unfinished and errored trials are resumed, finished ones are kept as they
-are); a restarted trial re-opens its own run directory and skips its completed stages.
+are); a restarted trial re-opens its own run directory and skips its completed stages. A sweep
+that stopped before Tune started (e.g. in ``ray.init``: ``DIR`` holds ``sweep_config.yaml`` but no
+Tune experiment state and no trial results) is started from its stored config by ``--resume``,
+or by the plain command when its config is the same. The directory is checked before Ray starts
+(``sweep_state``), and nothing a sweep computed is ever deleted or overwritten.
 """
 
 from __future__ import annotations
@@ -653,11 +657,11 @@ def _trainable(sweep: Sweep, payload: dict[str, Any]) -> Any:
                                tune.PlacementGroupFactory([trial_bundle(sweep.cfg)]))
 
 
-def _tuner(sweep: Sweep, payload: dict[str, Any], resume: bool) -> Any:
+def _tuner(sweep: Sweep, payload: dict[str, Any], restore: bool) -> Any:
     from ray import tune
 
     path = sweep.directory / EXPERIMENT_DIR
-    if resume:
+    if restore:
         return tune.Tuner.restore(str(path), trainable=_trainable(sweep, payload),
                                   resume_unfinished=True, resume_errored=True)
     tc = sweep.cfg.tune
@@ -673,27 +677,79 @@ def _tuner(sweep: Sweep, payload: dict[str, Any], resume: bool) -> Any:
     )
 
 
-def _open_directory(cfg: ExperimentConfig, directory: Path, resume: bool) -> ExperimentConfig:
-    """Create the sweep directory (new sweep) or load the sweep's own config (resume)."""
-    saved = directory / "sweep_config.yaml"
-    if resume:
-        if not (directory / EXPERIMENT_DIR).exists() or not saved.exists():
-            raise ConfigError(f"--resume: {directory} holds no sweep to resume (no {EXPERIMENT_DIR}/ or sweep_config.yaml)")
-        from ray import tune
+SWEEP_CONFIG = "sweep_config.yaml"  # the sweep's own config, written before anything else runs
 
-        if not tune.Tuner.can_restore(str(directory / EXPERIMENT_DIR)):
-            raise ConfigError(f"--resume: {directory / EXPERIMENT_DIR} has no Tune experiment state yet (the sweep was "
-                              "stopped before its first snapshot); start it again in an empty directory")
+
+def sweep_state(directory: Path) -> str:
+    """What a sweep directory holds, checked on the file system only (no Ray is started):
+
+    ``empty`` (missing or empty), ``foreign`` (files but no ``sweep_config.yaml``), ``restorable``
+    (Tune experiment state in ``tune/``: resume it), ``trials_only`` (trial run directories under
+    ``trials/`` but no Tune state to resume them from) or ``not_started`` (the sweep's config, and at
+    most the sweep's MLflow run, but neither Tune state nor trial results: the sweep stopped before
+    Tune started, e.g. in ``ray.init``)."""
+    if not directory.exists() or not any(directory.iterdir()):
+        return "empty"
+    if not (directory / SWEEP_CONFIG).is_file():
+        return "foreign"
+    experiment = directory / EXPERIMENT_DIR
+    if experiment.exists():
+        from ray import tune  # importing Tune starts no Ray
+
+        if tune.Tuner.can_restore(str(experiment)):
+            return "restorable"
+    trials = directory / TRIALS_DIR
+    if trials.exists() and any(trials.iterdir()):
+        return "trials_only"
+    return "not_started"
+
+
+def _open_directory(cfg: ExperimentConfig, directory: Path, resume: bool) -> tuple[ExperimentConfig, bool]:
+    """Create the sweep directory (new sweep) or load the sweep's own config (resume; or a sweep
+    that never started). Returns (config to run, restore the Tune experiment?). Checks the
+    directory only, before Ray starts; never deletes or overwrites what a sweep computed."""
+    saved = directory / SWEEP_CONFIG
+    state = sweep_state(directory)
+    flag = "--resume" if resume else "--output"
+    if state == "trials_only":
+        raise ConfigError(f"{flag}: {directory} holds trial results ({TRIALS_DIR}/) but no Tune experiment state "
+                          f"to resume them from (no {EXPERIMENT_DIR}/tuner.pkl); it cannot be resumed and is left as it "
+                          "is: start the sweep in another directory")
+    if resume:
+        if state == "empty":
+            what = "does not exist" if not directory.exists() else "is empty"
+            raise ConfigError(f"--resume: {directory} {what}: it holds no sweep to resume; start a sweep "
+                              "without --resume")
+        if state == "foreign":
+            raise ConfigError(f"--resume: {directory} holds no sweep to resume (no {SWEEP_CONFIG}); "
+                              "choose the directory of a sweep, or start a new one without --resume")
         stored = config_from_dict(yaml.safe_load(saved.read_text()))
-        if stored.fingerprint() != cfg.fingerprint():
-            print(f"resuming with the sweep's own config {saved} (the command line's config differs)")
-        return stored
-    if directory.exists() and any(directory.iterdir()):
-        hint = " (resume it with --resume)" if saved.exists() else ""
-        raise ConfigError(f"--output: {directory} exists and is not empty{hint}; choose another directory")
+        if stored.to_dict() != cfg.to_dict():
+            print(f"using the sweep's own config {saved} (the command line's config differs)")
+        if state == "not_started":
+            print(f"{directory} holds a sweep that never started ({SWEEP_CONFIG}, no Tune experiment state "
+                  "yet): starting it from its stored config", flush=True)
+        return stored, state == "restorable"
+    if state == "not_started":
+        stored = config_from_dict(yaml.safe_load(saved.read_text()))
+        if stored.to_dict() != cfg.to_dict():
+            raise ConfigError(f"--output: {directory} holds a sweep that never started, with a different config "
+                              f"({saved}); start that sweep with --resume --output {directory}, or choose "
+                              "another directory for this config")
+        print(f"{directory} holds this sweep, which never started (no Tune experiment state yet): starting it",
+              flush=True)
+        return stored, False
+    if state == "restorable":
+        raise ConfigError(f"--output: {directory} holds a sweep with Tune experiment state ({EXPERIMENT_DIR}/); "
+                          f"resume it with --resume --output {directory}, or choose another directory")
+    if state == "foreign":
+        raise ConfigError(f"--output: {directory} exists and is not empty but holds no sweep (no {SWEEP_CONFIG}); "
+                          "choose another directory")
     directory.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return cfg
+    tmp = saved.with_name(saved.name + ".tmp")  # never leave a half-written config behind
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(saved)
+    return cfg, False
 
 
 def run_tune(cfg: ExperimentConfig, output: Path | None = None, resume: bool = False, dry_run: bool = False,
@@ -709,7 +765,7 @@ def run_tune(cfg: ExperimentConfig, output: Path | None = None, resume: bool = F
         raise ConfigError("--resume needs --output DIR (the sweep directory)")
     if not resume:
         Sweep.from_config(cfg, directory)  # validate everything before touching the directory
-    cfg = _open_directory(cfg, directory, resume)
+    cfg, restore = _open_directory(cfg, directory, resume)
     sweep = Sweep.from_config(cfg, directory)
     print(describe(sweep), flush=True)
 
@@ -732,7 +788,7 @@ def run_tune(cfg: ExperimentConfig, output: Path | None = None, resume: bool = F
     ok = False
     try:
         pgs_before = _alive_placement_groups()
-        grid = _tuner(sweep, payload, resume).fit()
+        grid = _tuner(sweep, payload, restore).fit()
         rows = collect_rows(sweep, grid)
         leaks = check_leaks(pgs_before)
         ok = not any(r["status"] == "error" for r in rows)

@@ -321,12 +321,115 @@ def test_scripted_sweep_asha_stops_trials_at_two_rungs_and_leaves_nothing_behind
 def test_a_non_empty_directory_is_refused_and_resume_needs_a_sweep(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "file").write_text("")
-    with pytest.raises(ConfigError, match="exists and is not empty"):
+    with pytest.raises(ConfigError, match="exists and is not empty but holds no sweep"):
         run_tune(load_config(), tmp_path / "x")
     with pytest.raises(ConfigError, match="holds no sweep to resume"):
         run_tune(load_config(), tmp_path / "x", resume=True)
     with pytest.raises(ConfigError, match="--resume needs --output"):
         run_tune(load_config(), None, resume=True)
+
+
+class _RayInitTimeout(RuntimeError):
+    """Stands in for ``ray.init`` dying (node startup timeout) after the directory was set up."""
+
+
+class _TunerReached(Exception):
+    def __init__(self, restore: bool) -> None:
+        super().__init__(restore)
+        self.restore = restore
+
+
+def _stub_ray(monkeypatch, crash_in_init: bool) -> None:
+    """No Ray at all: ``init_ray`` either crashes (the reviewer's repro) or does nothing, and the
+    Tuner is replaced by a probe that records whether the sweep would be restored or started."""
+    import stages.runner
+    import stages.tune
+
+    def init_ray(cfg):
+        if crash_in_init:
+            raise _RayInitTimeout("The current node timed out during startup")
+
+    def tuner(sweep, payload, restore):
+        raise _TunerReached(restore)
+
+    monkeypatch.setattr(stages.runner, "init_ray", init_ray)
+    monkeypatch.setattr(stages.tune, "_warn_oversubscription", lambda cfg: None)
+    monkeypatch.setattr(stages.tune, "_alive_placement_groups", lambda: set())
+    monkeypatch.setattr(stages.tune, "_tuner", tuner)
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_a_sweep_that_crashed_in_ray_init_can_be_started_again_and_resumed(monkeypatch, tmp_path, capsys):
+    from stages.tune import sweep_state
+
+    cfg = load_config(None, ["tune.space={k: {grid: [1, 2]}}", "tune.num_samples=1"])
+    out = tmp_path / "tune1"
+    _stub_ray(monkeypatch, crash_in_init=True)
+    with pytest.raises(_RayInitTimeout):  # the reviewer's repro: the directory is set up, then Ray dies
+        run_tune(cfg, out)
+    assert (out / "sweep_config.yaml").exists() and not (out / "tune").exists()
+    assert sweep_state(out) == "not_started"
+
+    _stub_ray(monkeypatch, crash_in_init=False)
+    other = load_config(None, ["tune.space={k: {grid: [1, 2, 3]}}", "tune.num_samples=1"])
+    with pytest.raises(ConfigError, match="holds a sweep that never started, with a different config") as err:
+        run_tune(other, out)  # a different sweep must not take the stored one's place
+    assert "--resume --output" in str(err.value)
+    assert load_config(out / "sweep_config.yaml").tune.space == {"k": {"grid": [1, 2]}}
+
+    with pytest.raises(_TunerReached) as reached:  # the same command again starts the sweep
+        run_tune(cfg, out)
+    assert reached.value.restore is False
+    assert "never started" in capsys.readouterr().out
+
+    with pytest.raises(_TunerReached) as reached:  # --resume starts it from the stored config
+        run_tune(load_config(), out, resume=True)
+    assert reached.value.restore is False
+    printed = capsys.readouterr().out
+    assert "never started" in printed and "starting it from its stored config" in printed
+    assert "k              -> method.options.k" in printed and "grid [1, 2]" in printed  # the stored space
+
+    client, runs = _mlflow_runs(f"sqlite:///{out / 'mlflow.db'}")
+    assert len([r for r in runs if r.data.tags.get("kind") == "sweep"]) == 1  # every attempt re-attached
+
+
+def test_a_directory_with_tune_state_or_trial_results_is_never_restarted(monkeypatch, tmp_path):
+    from stages.tune import sweep_state
+
+    _stub_ray(monkeypatch, crash_in_init=False)
+    cfg = load_config(None, ["tune.space={k: {grid: [1, 2]}}", "tune.num_samples=1"])
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+    restorable = tmp_path / "restorable"  # Tune's experiment state is there: resume only
+    (restorable / "tune").mkdir(parents=True)
+    (restorable / "sweep_config.yaml").write_text(text)
+    (restorable / "tune" / "tuner.pkl").write_bytes(b"state")
+    assert sweep_state(restorable) == "restorable"
+    before = _snapshot(restorable)
+    with pytest.raises(ConfigError, match="holds a sweep with Tune experiment state.*resume it with --resume"):
+        run_tune(cfg, restorable)
+    assert _snapshot(restorable) == before
+    with pytest.raises(_TunerReached) as reached:
+        run_tune(load_config(), restorable, resume=True)
+    assert reached.value.restore is True
+
+    orphans = tmp_path / "orphans"  # trial results but nothing to restore them from: left alone
+    (orphans / "trials" / "abc_00000").mkdir(parents=True)
+    (orphans / "trials" / "abc_00000" / "results.json").write_text("{}")
+    (orphans / "sweep_config.yaml").write_text(text)
+    assert sweep_state(orphans) == "trials_only"
+    before = _snapshot(orphans)
+    for resume in (False, True):
+        with pytest.raises(ConfigError, match="holds trial results .* no Tune experiment state .* another directory"):
+            run_tune(cfg, orphans, resume=resume)
+    assert _snapshot(orphans) == before
+
+    with pytest.raises(ConfigError, match="does not exist: it holds no sweep to resume"):
+        run_tune(cfg, tmp_path / "missing", resume=True)
+    assert not (tmp_path / "missing").exists()
 
 
 # ----------------------------------------------------------------------------------------------
