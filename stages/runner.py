@@ -23,6 +23,12 @@ from stages.rundir import RunDir, git_commit, write_json_atomic
 from stages.tracking import Tracker, flatten
 
 
+def print_line(msg: str) -> None:
+    """One write per line: ``print`` writes the text and the newline separately, so Ray's log
+    monitor thread could put a worker's line in between (two stage lines ran together)."""
+    print(msg + "\n", end="", flush=True)
+
+
 def default_output(cfg: ExperimentConfig) -> Path:
     """Same config => same directory, so re-running the same command resumes the run."""
     return REPO_ROOT / "runs" / f"{cfg.name}-{cfg.fingerprint()}"
@@ -114,7 +120,7 @@ class PipelineRun:
         self,
         cfg: ExperimentConfig,
         output: Path | None = None,
-        log: Callable[[str], None] = print,
+        log: Callable[[str], None] | None = None,
         *,
         on_evaluated: Callable[[int, dict[str, float]], None] | None = None,
         mlflow_parent: str | None = None,
@@ -126,7 +132,7 @@ class PipelineRun:
         self.on_evaluated = on_evaluated
         self.mlflow_parent = mlflow_parent
         self.output = Path(output) if output else default_output(cfg)
-        self.log = log
+        self.log = log or print_line
         self.schedule = method_schedule(cfg)
         self.stages = dagmod.build_dag(cfg, self.schedule)
         self.matrix: dict[int, list[float]] = {}
