@@ -17,7 +17,9 @@ separately (not merged), so task s's entries are bit-identical forever after it 
 method's frozen task state.
 
 Supported under plain torch and DeepSpeed ZeRO-1/2 (the adapter must be whole on every rank: the
-penalty reads the parameters directly). ``ewc_lambda`` has not been tuned on CoIN-synth.
+penalty reads the parameters directly). The default ``ewc_lambda`` (1e5) was chosen on the
+embedded default; the Fisher's scale depends on the model and the data, so choose it again for
+another setting (the README gives the grid).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ _KEY = re.compile(r"ewc\.(\d+)\.(fisher|anchor)\.(.+)")
 class EWCOptions(LoRAOptions):
     """Config section of ``method: ewc``: the LoRA options plus the penalty's."""
 
-    ewc_lambda: float = 100.0
+    ewc_lambda: float = 1e5  # chosen on CoIN-synth by Avg over 1e2, 1e4, 1e5, 1e6 (README)
     fisher_batches: int | None = None  # None = the whole task (this worker's shard)
 
     def __post_init__(self) -> None:
