@@ -12,12 +12,17 @@ Layout::
 A stage counts as complete only when its marker exists AND every file listed in it still has
 the recorded sha256. Re-running the same command on the same directory skips complete stages
 and redoes the others (their partial outputs are moved aside to ``<stage-id>.incomplete-N``, never
-silently deleted). A directory that holds a run of a different config is refused: stages never
-overwrite another run's outputs.
+silently deleted). A directory that holds a run of a different config is refused once any of its
+stages has a completion marker: stages never overwrite another run's outputs. One in which no
+stage finished (e.g. a run that stopped on a config or data error) is taken over: everything in
+it is moved to ``DIR/replaced-N/`` (kept, not deleted, the MLflow store included) and the new
+run starts there. ``DIR/run.lock`` is held (flock) by the process using the directory; a
+directory in use is never taken over.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -25,7 +30,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -70,31 +75,82 @@ def git_commit(repo: Path) -> str:
 class RunDir:
     """A pipeline run's directory. ``open`` creates it or checks it belongs to this config."""
 
+    LOCK = "run.lock"
+
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
+        self._lock_file = None  # the open run.lock, flock-ed; released when this object goes
 
     @classmethod
-    def open(cls, root: Path, *, name: str, fingerprint: str, config: dict[str, Any], repo: Path) -> "RunDir":
+    def open(cls, root: Path, *, name: str, fingerprint: str, config: dict[str, Any], repo: Path,
+             log: Callable[[str], None] = print) -> "RunDir":
         rd = cls(root)
         meta_path = rd.root / "run.json"
         if meta_path.exists():
+            locked = rd._lock()
             meta = json.loads(meta_path.read_text())
-            if meta.get("fingerprint") != fingerprint:
+            if meta.get("fingerprint") == fingerprint:
+                return rd
+            differs = f"(fingerprint {meta.get('fingerprint')} != {fingerprint})"
+            finished = rd.finished_stages()
+            if finished:
                 raise RunDirError(
-                    f"{rd.root} holds a run of a different configuration "
-                    f"(fingerprint {meta.get('fingerprint')} != {fingerprint}); "
+                    f"{rd.root} holds a run of a different configuration {differs} with finished stages "
+                    f"({', '.join(finished[:3])}{', ...' if len(finished) > 3 else ''}); "
                     "choose another --output directory (stages never overwrite another run's outputs)"
                 )
-            return rd
-        if rd.root.exists() and any(rd.root.iterdir()):
+            if not locked:
+                raise RunDirError(
+                    f"{rd.root} holds a run of a different configuration {differs} that another process "
+                    f"is using (it holds {rd.root / cls.LOCK}); choose another --output directory"
+                )
+            aside = rd._set_aside()
+            log(f"run directory {rd.root}: taking over from a run of a different configuration {differs} "
+                f"in which no stage finished; its files are kept in {aside}")
+        elif rd.root.exists() and any(p.name != cls.LOCK for p in rd.root.iterdir()):
             raise RunDirError(f"{rd.root} exists, is not empty and is not a pipeline run directory")
         rd.root.mkdir(parents=True, exist_ok=True)
+        rd._lock()
         (rd.root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         write_json_atomic(
             meta_path,
             {"name": name, "fingerprint": fingerprint, "created": time.time(), "git_commit": git_commit(repo)},
         )
         return rd
+
+    def finished_stages(self) -> list[str]:
+        """Stages with a completion marker (verified or not: a damaged one still counts)."""
+        stages = self.root / "stages"
+        return sorted({p.relative_to(stages).parts[0] for p in stages.rglob("DONE.json")}) if stages.is_dir() else []
+
+    def _lock(self) -> bool:
+        """Hold ``DIR/run.lock`` for as long as this object lives; False if another process (or
+        another RunDir object) holds it. A filesystem without flock support counts as not held."""
+        if self._lock_file is not None:
+            return True
+        fh = open(self.root / self.LOCK, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return False
+        except OSError:  # e.g. ENOLCK on a shared filesystem without locks: nothing to go by
+            fh.close()
+            return True
+        self._lock_file = fh
+        return True
+
+    def _set_aside(self) -> Path:
+        """Move everything of the replaced run (but the lock and earlier replaced runs) to replaced-N/."""
+        n = 1
+        while (self.root / f"replaced-{n}").exists():
+            n += 1
+        aside = self.root / f"replaced-{n}"
+        entries = [p for p in self.root.iterdir() if p.name != self.LOCK and not p.name.startswith("replaced-")]
+        aside.mkdir()
+        for p in entries:
+            p.rename(aside / p.name)
+        return aside
 
     # --- stages -------------------------------------------------------------------------------
     def stage_dir(self, stage_id: str) -> Path:

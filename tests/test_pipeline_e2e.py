@@ -198,12 +198,16 @@ def test_bad_coin_records_stop_the_run_with_one_line_naming_file_record_and_fiel
 
 
 def test_other_config_cannot_reuse_a_run_directory(tmp_path, cache_dir):
+    """A directory where another configuration finished a stage is refused (one where it finished
+    none is taken over: tests/test_stage_primitives.py)."""
     out = tmp_path / "run"
-    out.mkdir()
+    (out / "stages" / "00-data").mkdir(parents=True)
     (out / "run.json").write_text(json.dumps({"fingerprint": "0000"}))
+    (out / "stages" / "00-data" / "DONE.json").write_text("{}")
     proc = _run(out, cache_dir)
     assert proc.returncode != 0
-    assert "different configuration" in proc.stderr
+    assert "different configuration" in proc.stderr and "00-data" in proc.stderr
+    assert json.loads((out / "run.json").read_text()) == {"fingerprint": "0000"}  # left as it was
 
 
 def test_dry_run_of_the_real_7b_config_counts_parameters():

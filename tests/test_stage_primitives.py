@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,14 +42,54 @@ def test_rundir_keeps_partial_outputs_aside(tmp_path):
 
 
 def test_rundir_refuses_another_runs_directory(tmp_path):
-    _open(tmp_path, fp="one")
+    rd = _open(tmp_path, fp="one")
     assert _open(tmp_path, fp="one").root.exists()  # same config: resume
-    with pytest.raises(RunDirError, match="different configuration"):
+    rd.begin("00-data")
+    rd.complete("00-data", wall_s=1.0)
+    del rd  # (releases its run.lock: the refusal must not depend on it)
+    with pytest.raises(RunDirError, match="different configuration .* with finished stages \\(00-data\\)"):
         _open(tmp_path, fp="two")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["fingerprint"] == "one"
+    assert not list((tmp_path / "run").glob("replaced-*"))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "file").write_text("user data")
     with pytest.raises(RunDirError, match="not a pipeline run directory"):
         RunDir.open(tmp_path / "other", name="x", fingerprint="f", config={}, repo=tmp_path)
+
+
+def test_rundir_of_a_run_that_finished_no_stage_is_taken_over(tmp_path):
+    """A run that stopped before finishing any stage (e.g. on a config error after run.json and the
+    MLflow store were written) does not lock its directory to its config; its files are kept."""
+    rd = _open(tmp_path, fp="one")
+    # the earlier run's driver was another process (MLflow caches its store per process)
+    code = ("import sys; from stages.tracking import Tracker; "
+            "print(Tracker(sys.argv[1], uri=None, experiment='exp').start_parent('p', {'train.lr': '0.1'}, {}))")
+    old_parent = subprocess.run([sys.executable, "-c", code, str(rd.root)], check=True, capture_output=True,
+                                text=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()[-1]
+    (rd.begin("00-data") / "partial.txt").write_text("x")  # started, never finished
+    del rd
+    logs = []
+    rd2 = RunDir.open(tmp_path / "run", name="x", fingerprint="two", config={"a": 2}, repo=tmp_path,
+                      log=logs.append)
+    assert len(logs) == 1 and "taking over" in logs[0] and "replaced-1" in logs[0]
+    root = tmp_path / "run"
+    assert json.loads((root / "run.json").read_text())["fingerprint"] == "two"
+    old = root / "replaced-1"
+    assert json.loads((old / "run.json").read_text())["fingerprint"] == "one"
+    assert (old / "mlflow.db").exists() and (old / "mlflow.json").exists()
+    assert (old / "stages" / "00-data" / "partial.txt").read_text() == "x"
+    assert sorted(p.name for p in root.iterdir()) == ["config.yaml", "replaced-1", "run.json", "run.lock"]
+    # the new run gets its own MLflow parent run (the old one's params would clash)
+    new_parent = Tracker(rd2.root, uri=None, experiment="exp").start_parent("p", {"train.lr": "0.2"}, {})
+    assert new_parent != old_parent
+    assert _open(tmp_path, fp="two").root == rd2.root  # and resumes as its own
+
+
+def test_rundir_in_use_is_not_taken_over(tmp_path):
+    rd = _open(tmp_path, fp="one")  # holds run.lock, as a live run's driver does
+    with pytest.raises(RunDirError, match="another process"):
+        _open(tmp_path, fp="two")
+    assert json.loads((rd.root / "run.json").read_text())["fingerprint"] == "one"
 
 
 def _state(tmp_path, name, tensors):
