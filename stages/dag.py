@@ -92,7 +92,8 @@ def execute(
     dependencies, wherever they run. ``on_done`` is always called on the calling thread and in
     list order (evaluate(t) is reported before anything after it), whichever stage finished first.
     After a failure no new stage starts; the stages already running finish (their outputs and
-    markers are kept) and the first error is raised.
+    markers are kept) and the first error is raised. After SIGTERM (``SystemExit``) they are
+    abandoned instead (see ``_stopping_message``).
     """
     markers: dict[str, dict[str, Any]] = {}
     finished: dict[str, bool] = {}  # stage id -> skipped, for stages whose marker is in ``markers``
@@ -193,8 +194,10 @@ def execute(
                 break
             report()
         if failure is not None and in_flight:
-            log(f"waiting for {sorted(in_flight)} to finish before stopping (their outputs are kept)")
-        while in_flight:  # the stages already running finish, also after a failure
+            log(_stopping_message(failure, sorted(in_flight)))
+        # the stages already running finish, also after a failure, but not after SIGTERM: see
+        # _stopping_message
+        while in_flight and not isinstance(failure, SystemExit):
             collect(block=True)
         report()
     finally:
@@ -203,6 +206,25 @@ def execute(
     if failure is not None:
         raise failure
     return markers
+
+
+def _stopping_message(failure: BaseException, in_flight: list[str]) -> str:
+    """What happens to the stages still running when the run stops.
+
+    After a stage's error, or Ctrl-C (``KeyboardInterrupt``), they are waited for and kept. SIGTERM
+    is different: Ray's driver turns it into ``SystemExit(15)``, and Ray's own fatal-signal handler
+    aborts the process about 3 s later whatever Python does (measured with Ray 2.60, whether the
+    signal reached the driver alone or its whole process group). Waiting would only promise what
+    cannot happen, so the run stops at once and the stages in flight are abandoned.
+    """
+    if isinstance(failure, SystemExit):
+        why = "SIGTERM" if failure.code == 15 else f"SystemExit({failure.code})"
+        return (f"stopping on {why}: {in_flight} still running are abandoned (no DONE.json marker); "
+                "re-running the command re-runs them")
+    if isinstance(failure, KeyboardInterrupt):
+        return (f"interrupted: waiting for {in_flight} to finish before stopping (their outputs are kept; "
+                "interrupt again to abandon them, they are then re-run on resume)")
+    return f"waiting for {in_flight} to finish before stopping (their outputs are kept)"
 
 
 def _short(result: dict[str, Any]) -> dict[str, Any]:

@@ -193,3 +193,55 @@ def test_resident_plan_needs_the_same_room_and_a_sequential_run_outside_sweeps()
     assert not resident_plan(load_config(None, ["tasks=[ScienceQA]"]), {"CPU": 64.0}, "sequential", trial=False)[0]
     cfg = load_config(None, ["resources.resident_train=false"])
     assert resident_plan(cfg, {"CPU": 64.0}, "sequential", trial=False) == (False, "resources.resident_train is off")
+
+
+def _stop_during_next_train(tmp_path, stop: BaseException):
+    """train(TextVQA) is stopped by ``stop`` while evaluate(ScienceQA) runs in the background,
+    held until the caller opens the returned gate."""
+    stages, rd, tracker = _setup(tmp_path)
+    gate, logs = threading.Event(), []
+
+    def run_one(stage, stage_dir, run_id):
+        (stage_dir / "out.txt").write_text(stage.id)
+        if stage.id == "04-eval-ScienceQA":
+            assert gate.wait(timeout=20)
+        if stage.id == "05-train-TextVQA":
+            raise stop
+        return {}
+
+    def go():
+        dag.execute(stages, run_one, rundir=rd, tracker=tracker, on_done=lambda *a: None,
+                    log=logs.append, background={"evaluate"})
+
+    return rd, gate, logs, go
+
+
+def _join_background():
+    for t in threading.enumerate():
+        if t.name == "stages-background":
+            t.join(timeout=20)
+
+
+def test_sigterm_abandons_background_stage_and_says_so(tmp_path):
+    """Ray's driver turns SIGTERM into SystemExit(15) and aborts the process ~3 s later, so the
+    executor must not claim to wait for (and keep) the stage running in the background."""
+    rd, gate, logs, go = _stop_during_next_train(tmp_path, SystemExit(15))
+    t0 = time.time()
+    with pytest.raises(SystemExit):
+        go()
+    assert time.time() - t0 < 10  # did not wait for the held evaluation
+    assert rd.completed("04-eval-ScienceQA") is None
+    stop = [m for m in logs if m.startswith("stopping")]
+    assert stop == ["stopping on SIGTERM: ['04-eval-ScienceQA'] still running are abandoned (no DONE.json "
+                    "marker); re-running the command re-runs them"]
+    gate.set()
+    _join_background()
+
+
+def test_ctrl_c_waits_for_background_stage_and_keeps_it(tmp_path):
+    rd, gate, logs, go = _stop_during_next_train(tmp_path, KeyboardInterrupt())
+    threading.Timer(0.5, gate.set).start()
+    with pytest.raises(KeyboardInterrupt):
+        go()
+    assert rd.completed("04-eval-ScienceQA") is not None
+    assert any(m.startswith("interrupted: waiting for ['04-eval-ScienceQA']") for m in logs)
