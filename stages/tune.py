@@ -74,7 +74,6 @@ import dataclasses
 import io
 import json
 import math
-import sys
 import threading
 import time
 import types
@@ -300,17 +299,11 @@ def apply_values(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]
 
 
 def _options_class(method: str) -> type | None:
-    """The method's ``*Options`` dataclass (the one its module defines), if it has exactly one."""
+    """The method's options dataclass (its ``options_class``; None: no options)."""
     from pipeline.methods.base import _REGISTRY, _import_builtin_methods
 
     _import_builtin_methods()
-    factory = _REGISTRY.get(method)
-    module = sys.modules.get(getattr(factory, "__module__", "")) if factory else None
-    if module is None:
-        return None
-    found = [v for v in vars(module).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
-             and v.__name__.endswith("Options") and v.__module__ == module.__name__]
-    return found[0] if len(found) == 1 else None
+    return getattr(_REGISTRY.get(method), "options_class", None)
 
 
 def _check_option(cfg: dict[str, Any], p: Param, value: Any) -> None:
@@ -342,12 +335,12 @@ def validate_space(params: list[Param], base: dict[str, Any]) -> None:
     for p in params:
         for value in p.samples():
             tree = apply_values(base, {p.path: value})
+            if p.path.startswith("method.options."):  # first: its messages say more about options
+                _check_option(tree, p, value)
             try:
                 config_from_dict(tree)
             except ConfigError as exc:
                 raise ConfigError(f"{p.where}: value {value!r} -> {exc}") from None
-            if p.path.startswith("method.options."):
-                _check_option(tree, p, value)
 
 
 def grid_size(params: list[Param], search: str) -> int:
