@@ -349,10 +349,14 @@ def load_config(
         raw = yaml.safe_load(fh) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    if method and (raw.get("method") or {}).get("name", MethodConfig.name) != method:
+    file_method = (raw.get("method") or {}).get("name", MethodConfig.name)
+    if method and file_method != method:
         raw["method"] = {"name": method}
-    if overrides:
-        raw = merge(raw, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    over = (overrides if isinstance(overrides, dict) else parse_overrides(overrides)) if overrides else {}
+    if over:
+        raw = merge(raw, over)
+    if "name" not in over:
+        raw = _renamed_for_method(raw, file_method)
     raw = _expand_env(raw)
     try:
         cfg = _from_dict(ExperimentConfig, raw, "")
@@ -360,6 +364,22 @@ def load_config(
         raise ConfigError(f"{path}: {exc}") from None
     cfg.validate()
     return cfg
+
+
+def _renamed_for_method(raw: dict[str, Any], file_method: str) -> dict[str, Any]:
+    """A run of another method than the file's (``--method``, ``method.name=``) gets a name that
+    says so: the file method's token in ``name`` is replaced (coin-synth-modalprompt ->
+    coin-synth-lora), or the method is appended. The name picks the run directory and the MLflow
+    experiment; a ``name=`` override is kept as given."""
+    method = (raw.get("method") or {}).get("name", MethodConfig.name)
+    name = raw.get("name")
+    if method == file_method or not isinstance(name, str) or not isinstance(method, str):
+        return raw
+    parts = name.split("-")
+    if file_method in parts:
+        parts[parts.index(file_method)] = method
+        return {**raw, "name": "-".join(parts)}
+    return {**raw, "name": f"{name}-{method}"}
 
 
 def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:

@@ -78,6 +78,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return run_tune(cfg, Path(args.output) if args.output else None, resume=args.resume, dry_run=args.dry_run)
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """argparse stops collecting positionals at the first option, so ``... train.lr=1e-3 --method
+    lora epochs=2`` would reject ``epochs=2``: key=value words anywhere on a run or tune command
+    line are overrides, in the order given."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    extra = [e for e in extra if e != "--"]
+    if extra:
+        if getattr(args, "overrides", None) is None or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
@@ -85,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     # nothing downloads weights; DeepSpeed's CPU op: one build folder and one ninja per virtualenv
     # (``make setup`` prebuilds it into the same place)
     setup_process_env()
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -74,9 +74,36 @@ def test_method_shortcut_drops_the_other_methods_section():
     assert load_config(None, ["method.options.rank=4"], method="lora").method.options == {"rank": 4}
 
 
+def test_a_run_of_another_method_is_named_for_it():
+    # the name picks the run directory and the MLflow experiment: a LoRA run must not say modalprompt
+    assert load_config(None).name == "coin-synth-modalprompt"
+    assert load_config(None, method="lora").name == "coin-synth-lora"
+    assert load_config(None, method="modalprompt").name == "coin-synth-modalprompt"
+    assert load_config(None, method="zeroshot").name == "coin-synth-zeroshot"
+    assert load_config(None, ["name=mine"], method="lora").name == "mine"  # an explicit name is kept
+    real = load_config(CONFIG_DIR / "coin_llava7b_modalprompt.yaml", method="lora")
+    assert real.name == "coin-llava7b-lora"
+    tune = load_config(CONFIG_DIR / "tune_small.yaml", method="lora")
+    assert tune.name == "coin-synth-lora-tune-small"
+    assert load_config(None, method="lora").fingerprint() != load_config(None, ["name=coin-synth-modalprompt"],
+                                                                          method="lora").fingerprint()
+
+
 def test_env_vars_expand_and_fingerprint_follows_config(monkeypatch):
     monkeypatch.setenv("COIN_ROOT", "s3://bucket/coin")
     cfg = load_config(CONFIG_DIR / "coin_llava7b_modalprompt.yaml")
     assert cfg.data.root == "s3://bucket/coin"
     assert load_config(None).fingerprint() == load_config(None).fingerprint()
     assert load_config(None).fingerprint() != load_config(None, ["seed=1"]).fingerprint()
+
+
+def test_overrides_may_follow_options_on_the_command_line():
+    from pipeline.main import parse_args
+
+    args = parse_args(["run", "train.lr=1e-3", "--method", "lora", "train.epochs=2", "--output", "x", "seed=3"])
+    assert (args.overrides, args.method, args.output) == (["train.lr=1e-3", "train.epochs=2", "seed=3"], "lora", "x")
+    assert parse_args(["tune", "--dry-run", "tune.num_samples=2"]).overrides == ["tune.num_samples=2"]
+    assert parse_args(["run", "a=1", "--dry-run", "--", "b=2"]).overrides == ["a=1", "b=2"]
+    for argv in (["run", "a=1", "--bogus"], ["run", "a=1", "--method", "lora", "noeq"], ["metrics", "m.json", "x=1"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
