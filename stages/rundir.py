@@ -8,6 +8,7 @@ Layout::
     DIR/stages/<stage-id>/DONE.json   completion marker: sha256 of every output file, wall time,
                                       stage results; written last, atomically
     DIR/results.json             the run's summary (written at the end)
+    DIR/invocations.jsonl        one line per command that used the directory: start, wall time, outcome
 
 A stage counts as complete only when its marker exists AND every file listed in it still has
 the recorded sha256. Re-running the same command on the same directory skips complete stages
@@ -17,7 +18,7 @@ stages has a completion marker: stages never overwrite another run's outputs. On
 stage finished (e.g. a run that stopped on a config or data error) is taken over: everything in
 it is moved to ``DIR/replaced-N/`` (kept, not deleted, the MLflow store included) and the new
 run starts there. ``DIR/run.lock`` is held (flock) by the process using the directory; a
-directory in use is never taken over.
+directory in use is never taken over, nor resumed by a second process.
 """
 
 from __future__ import annotations
@@ -83,13 +84,24 @@ class RunDir:
 
     @classmethod
     def open(cls, root: Path, *, name: str, fingerprint: str, config: dict[str, Any], repo: Path,
-             log: Callable[[str], None] = print) -> "RunDir":
+             log: Callable[[str], None] = print, lock_wait_s: float = 10.0) -> "RunDir":
+        """``lock_wait_s``: how long to wait for ``run.lock`` of a run of the same config (a
+        driver or sweep trial that was just stopped may take a moment to exit)."""
         rd = cls(root)
         meta_path = rd.root / "run.json"
         if meta_path.exists():
             locked = rd._lock()
             meta = json.loads(meta_path.read_text())
             if meta.get("fingerprint") == fingerprint:
+                deadline = time.time() + lock_wait_s
+                while not locked and time.time() < deadline:
+                    time.sleep(0.2)
+                    locked = rd._lock()
+                if not locked:  # two drivers would run the same stages into the same folders
+                    raise RunDirError(
+                        f"{rd.root}: this run is in progress in another process (it holds {rd.root / cls.LOCK}); "
+                        "wait for it to end, or stop it, before resuming"
+                    )
                 return rd
             differs = f"(fingerprint {meta.get('fingerprint')} != {fingerprint})"
             finished = rd.finished_stages()
@@ -151,6 +163,35 @@ class RunDir:
         for p in entries:
             p.rename(aside / p.name)
         return aside
+
+    # --- invocations ----------------------------------------------------------------------------
+    INVOCATIONS = "invocations.jsonl"
+
+    def invocations(self) -> list[dict[str, Any]]:
+        """One record per earlier command that used this directory (first run and each resume)."""
+        path = self.root / self.INVOCATIONS
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:  # a line cut short (a driver killed mid-write, a full disk) is left out
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("wall_s"), (int, float)):
+                out.append(rec)
+        return out
+
+    def record_invocation(self, *, started: float, wall_s: float, outcome: str) -> None:
+        """Append this command's wall time and how it ended (``finished``, ``failed``, ``stopped``).
+        A driver killed with SIGKILL writes nothing, so its time is not counted."""
+        path = self.root / self.INVOCATIONS
+        torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        line = json.dumps({"started": started, "wall_s": round(wall_s, 2), "outcome": outcome}) + "\n"
+        with open(path, "a") as fh:
+            fh.write(("\n" if torn else "") + line)  # a torn last line (killed mid-write) stays alone
+            fh.flush()
+            os.fsync(fh.fileno())
 
     # --- stages -------------------------------------------------------------------------------
     def stage_dir(self, stage_id: str) -> Path:

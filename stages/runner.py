@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -43,8 +45,36 @@ def method_schedule(cfg: ExperimentConfig) -> str:
     return getattr(_REGISTRY[cfg.method.name], "schedule")
 
 
-def init_ray(cfg: ExperimentConfig) -> None:
-    """Connect to a running cluster (``ray job submit`` / RAY_ADDRESS) or start Ray in-process."""
+RUN_STOP_NOTICE = "stopped by SIGTERM: re-run the same command to resume (completed stages are kept)"
+
+
+def _say_on_sigterm(notice: str) -> None:
+    """Print ``notice`` on stderr the moment SIGTERM (e.g. ``ray job stop``) arrives, then let
+    Ray's driver handler (``ray.init`` installs one: ``sys.exit(15)``) stop the run. Printing any
+    later is too late: Ray aborts the driver about 3 s after the signal (stages.dag), before the
+    run has closed its Train workers and MLflow runs and before an ``except SystemExit`` in the
+    CLI is reached. Main thread only (``signal`` allows no other); installed once per process."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if getattr(previous, "stop_notice", None) is not None:
+        previous.stop_notice = notice
+        return
+
+    def handler(signum, frame):
+        print(handler.stop_notice, file=sys.stderr, flush=True)
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise SystemExit(signum)
+
+    handler.stop_notice = notice
+    signal.signal(signal.SIGTERM, handler)
+
+
+def init_ray(cfg: ExperimentConfig, stop_notice: str = RUN_STOP_NOTICE) -> None:
+    """Connect to a running cluster (``ray job submit`` / RAY_ADDRESS) or start Ray in-process.
+    On the driver's main thread, SIGTERM then prints ``stop_notice`` (how to resume) at once."""
     # Ray Train v2's controller polls its workers every 2 s by default; each of the 8+ fits of a
     # run pays that latency at start and end, so poll faster (the workers are local or few).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
@@ -68,6 +98,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
                 # process; keep idle task workers instead (they are few: decode tasks are small).
                 _system_config={"num_workers_soft_limit": 64},
             )
+        _say_on_sigterm(stop_notice)
     # Also inside Ray actors/tasks (e.g. a Tune trial), where Ray is already initialised.
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
@@ -167,19 +198,30 @@ class PipelineRun:
                                                trial=self.on_evaluated is not None)
         self.log(("resident train workers: " if self._resident_ok else "a fit per train stage: ") + why)
         self._resident = None
-        ok = False
+        ok, outcome = False, "failed"
         try:
             markers = dagmod.execute(self.stages, self._run_stage, rundir=self.rundir, tracker=self.tracker,
                                      on_done=self._on_done, log=self.log,
                                      background={"evaluate"} if overlap else ())
-            results = self._finish(markers, time.time() - t_start)
-            ok = True
+            results = self._finish(markers, t_start)
+            ok, outcome = True, "finished"
             return results
+        except (KeyboardInterrupt, SystemExit):
+            outcome = "stopped"
+            raise
         finally:
-            if self._resident is not None:  # a failed run does not wait long for a job in progress
-                self._resident.close(timeout=120.0 if ok else 10.0)
-                self._resident = None
-            self.tracker.end(self.parent, ok=ok)
+            # first: after SIGTERM, Ray aborts the driver ~3 s later, and closing the resident
+            # workers can take longer
+            try:
+                self.rundir.record_invocation(started=t_start, wall_s=time.time() - t_start, outcome=outcome)
+            except OSError as exc:  # e.g. a full disk: the run's own outcome matters more
+                self.log(f"could not record this command's wall time in {self.rundir.root}: {exc}")
+            try:
+                if self._resident is not None:  # a failed run does not wait long for a job in progress
+                    self._resident.close(timeout=120.0 if ok else 10.0)
+                    self._resident = None
+            finally:
+                self.tracker.end(self.parent, ok=ok)
 
     # --- stages ---------------------------------------------------------------------------------
     def _run_stage(self, stage: dagmod.Stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
@@ -373,7 +415,10 @@ class PipelineRun:
         metrics = {f"acc/{task}": s for task, s in scores.items()}
         if rows:
             metrics |= {k: v for k, v in all_metrics(rows).items() if isinstance(v, (int, float)) and k != "T"}
-        self.tracker.log_metrics(self.parent, metrics, step=step)
+        # a stage finished by an earlier invocation has had its metrics logged by it (unless that
+        # driver died between the stage's marker and this call): log them once only
+        if not (skipped and self.tracker.has_metric_at(self.parent, next(iter(metrics)), step)):
+            self.tracker.log_metrics(self.parent, metrics, step=step)
         if self.on_evaluated is not None:
             self.on_evaluated(step, metrics)
 
@@ -388,8 +433,11 @@ class PipelineRun:
         return rows
 
     # --- results ---------------------------------------------------------------------------------
-    def _finish(self, markers: dict[str, dict[str, Any]], wall: float) -> dict[str, Any]:
+    def _finish(self, markers: dict[str, dict[str, Any]], t_start: float) -> dict[str, Any]:
         cfg = self.cfg
+        earlier = self.rundir.invocations()  # this one is recorded when run() returns
+        this_wall = time.time() - t_start
+        wall = sum(inv["wall_s"] for inv in earlier) + this_wall
         tasks = list(cfg.tasks)
         if self.schedule == "sequential":
             matrix = self._matrix_rows()
@@ -415,6 +463,7 @@ class PipelineRun:
             "mlflow": {"tracking_uri": self.tracker.uri, "experiment": self.tracker.experiment,
                        "run_id": self.parent},
             "stage_wall_s": stage_wall, "stage_overhead_s": overhead, "run_wall_s": round(wall, 2),
+            "invocation_wall_s": round(this_wall, 2), "invocations": len(earlier) + 1,
             "run_dir": str(self.rundir.root),
             "top1_own_task": selection["top1_own_task"] if selection else None,
             "top1_own_task_mean": selection["top1_own_task_mean"] if selection else None,
@@ -434,7 +483,7 @@ class PipelineRun:
         if sel_file.exists():
             for f in ("selection.json", "selection_frequency.png", "prototype_similarity.png"):
                 self.tracker.log_artifact(self.parent, self.rundir.root / "stages" / last_eval.id / f, "figures")
-        self.tracker.log_metrics(self.parent, {"run_wall_s": wall})
+        self.tracker.log_metrics(self.parent, {"run_wall_s": wall}, step=len(earlier) + 1)  # one per command
         return results
 
 

@@ -4,7 +4,8 @@ All logging happens in the driver process through one ``MlflowClient``, one call
 (SQLite stores lock under concurrent writers, and an evaluate stage logs from a background thread
 while a training stage logs its progress). The default store is local to the run directory:
 ``sqlite:///DIR/mlflow.db`` with artifacts under ``DIR/mlartifacts``; ``MLFLOW_TRACKING_URI`` (or
-``tracking.uri``) points it elsewhere. A resumed run re-attaches to the same parent run (its id is kept in ``DIR/mlflow.json``).
+``tracking.uri``) points it elsewhere. A resumed run re-attaches to the same parent run (its id is kept in ``DIR/mlflow.json``);
+stage runs a killed driver left RUNNING are then marked KILLED.
 """
 
 from __future__ import annotations
@@ -79,12 +80,34 @@ class Tracker:
         if state.get("parent_run_id") and state.get("tracking_uri") == self.uri:
             self.parent_id = state["parent_run_id"]
             self.client.update_run(self.parent_id, status="RUNNING")
+            self._close_abandoned_stages()
             return self.parent_id
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.parent_id = run.info.run_id
         self.log_params(self.parent_id, params)
         self._state_file.write_text(json.dumps({"parent_run_id": self.parent_id, "tracking_uri": self.uri}))
         return self.parent_id
+
+    def _close_abandoned_stages(self) -> None:
+        """On resume: a stage run still RUNNING belongs to a driver that was killed mid-stage (the
+        run directory's lock rules out a live one, ``RunDir.open``). Mark it KILLED, so that the UI does not show it
+        running forever beside the re-run's stage run."""
+        stale = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}' and attributes.status = 'RUNNING'",
+            max_results=1000,
+        )
+        for run in stale:
+            if "stage" not in run.data.tags:  # e.g. a sweep's trial runs: Tune resumes those itself
+                continue
+            self.client.set_tag(run.info.run_id, "stopped",
+                                "its driver ended while the stage ran; the stage is re-run on resume")
+            self.client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+
+    @_serialised
+    def has_metric_at(self, run_id: str, key: str, step: int) -> bool:
+        """Whether ``key`` was already logged at ``step`` (a resumed run does not log it again)."""
+        return any(m.step == step for m in self.client.get_metric_history(run_id, key))
 
     @_serialised
     def start_stage(self, stage_id: str, tags: dict[str, str] | None = None) -> str:

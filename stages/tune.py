@@ -773,7 +773,8 @@ def run_tune(cfg: ExperimentConfig, output: Path | None = None, resume: bool = F
         tags={"kind": "sweep", "run_dir": str(directory), "method": cfg.method.name},
     )
     print(f"MLflow: {tracker.uri} (experiment {tracker.experiment!r}, sweep run {parent})", flush=True)
-    init_ray(cfg)
+    init_ray(cfg, stop_notice=f"stopped by SIGTERM: resume the sweep with `tune --resume --output {directory}` "
+                              "(finished trials are kept)")
     _warn_oversubscription(cfg)
     payload = sweep.payload(tracking_uri=tracker.uri, experiment=tracker.experiment, parent_run_id=parent,
                             pipeline=pipeline)

@@ -2,7 +2,8 @@
 Ray Train + DeepSpeed, Ray Data inference and a real MLflow store.
 
 The default tier runs one reduced two-task pipeline (resident Train workers), its no-op re-run and
-the same pipeline with a fit per train stage; the slow tier kills a run mid-stage and resumes it,
+EWC with a fit per train stage; the slow tier compares the two training modes, kills a run
+mid-stage and resumes it, stops one with SIGTERM and resumes it,
 kills a Train worker mid-job (Ray Train restarts it from the job's checkpoint), and submits the job
 to a real ``ray start --head`` with ``ray job submit``.
 """
@@ -135,14 +136,25 @@ def test_small_pipeline_end_to_end(small_run, cache_dir):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skipped") == len(stages)
     assert {p: p.stat().st_mtime for p in (out / "stages").rglob("DONE.json")} == before
-    assert _results(out)["matrix"] == res["matrix"]
+    again_res = _results(out)
+    assert again_res["matrix"] == res["matrix"]
+    # ... logs no metric twice, and counts both commands' time
+    assert len(client.get_metric_history(parent.info.run_id, "acc/ScienceQA")) == 2
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    invocations = [json.loads(x) for x in (out / "invocations.jsonl").read_text().splitlines()]
+    assert [i["outcome"] for i in invocations] == ["finished", "finished"]
+    assert again_res["invocations"] == 2 and res["invocations"] == 1
+    assert again_res["run_wall_s"] == pytest.approx(invocations[0]["wall_s"] + again_res["invocation_wall_s"], abs=0.02)
+    assert again_res["run_wall_s"] > res["run_wall_s"] > 0
 
 
+@pytest.mark.slow
 def test_one_fit_per_stage_gives_the_same_results(small_run, tmp_path, cache_dir):
     """The resident worker group is an execution choice: a fit per train stage gives the same
     frozen states, training losses and accuracy matrix. The first task's state is bit-identical;
     later ones agree to float round-off (about 1e-6), as two runs of either mode do: some CPU
-    reduction in training a second task is not bit-reproducible (measured on full runs)."""
+    reduction in training a second task is not bit-reproducible (measured on full runs).
+    Slow tier (3.5 min); the default tier runs the fit-per-stage path in the EWC test below."""
     resident, _ = small_run
     out = tmp_path / "per-stage"
     proc = _run(out, cache_dir, "resources.resident_train=false")
@@ -164,10 +176,13 @@ def test_one_fit_per_stage_gives_the_same_results(small_run, tmp_path, cache_dir
 def test_ewc_consolidates_in_the_train_stage_and_each_task_keeps_its_fisher(tmp_path, cache_dir):
     """A method with the optional ``consolidate`` hook through the real stages: the train worker
     runs the end-of-task pass, the freeze stage stores what it computed, the next train stage
-    restores it (the penalty needs it) and task 0's entries stay bit-identical."""
+    restores it (the penalty needs it) and task 0's entries stay bit-identical. It trains with a
+    fit per train stage, so the default tier runs that path too (the resident group is the default)."""
     out = tmp_path / "ewc"
-    proc = _run(out, cache_dir, "--method", "ewc")
+    proc = _run(out, cache_dir, "--method", "ewc", "resources.resident_train=false")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "a fit per train stage: resources.resident_train is off" in proc.stdout
+    assert (out / "stages" / "05-train-TextVQA" / "ray_train").is_dir() and not (out / "ray_train").exists()
     first, second = _frozen_state(out, "03-freeze-ScienceQA"), _frozen_state(out, "06-freeze-TextVQA")
     fisher0 = sorted(k for k in first if k.startswith("ewc.0.fisher."))
     assert fisher0 and not any(k.startswith("ewc.1.") for k in first)
@@ -247,6 +262,43 @@ def test_kill_mid_stage_and_resume_gives_identical_results(tmp_path, cache_dir):
     assert "02-train-ScienceQA: complete (outputs verified), skipped" in resumed.stdout
     assert _results(out)["matrix"] == _results(ref)["matrix"]
     assert _results(out)["metrics"] == _results(ref)["metrics"]
+    # MLflow: the killed driver's stage run is marked KILLED (not RUNNING for ever) beside the
+    # re-run's finished one, and the evaluation before the kill is logged once
+    from mlflow.tracking import MlflowClient
+
+    res = _results(out)
+    client = MlflowClient(tracking_uri=res["mlflow"]["tracking_uri"])
+    parent = client.get_run(res["mlflow"]["run_id"])
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    assert sorted(r.info.status for r in runs if r.info.run_name == "05-train-TextVQA") == ["FINISHED", "KILLED"]
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "acc/ScienceQA")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_run_with_a_resume_hint_and_its_time_is_counted(tmp_path, cache_dir):
+    """``ray job stop`` sends SIGTERM: the driver says how to resume, records its wall time and
+    outcome, and the resumed run counts both commands' time."""
+    out = tmp_path / "stopped"
+    cmd = [PY, "pipeline/main.py", "--output", str(out), f"cache_dir={cache_dir}", *SMALL]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    target = out / "stages" / "02-train-ScienceQA"
+    deadline = time.time() + 600
+    while not target.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM: re-run the same command to resume" in err
+    first = [json.loads(x) for x in (out / "invocations.jsonl").read_text().splitlines()]
+    assert [i["outcome"] for i in first] == ["stopped"] and first[0]["wall_s"] > 3
+    resumed = _run(out, cache_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    res = _results(out)
+    assert res["invocations"] == 2
+    assert res["run_wall_s"] == pytest.approx(first[0]["wall_s"] + res["invocation_wall_s"], abs=0.02)
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ from stages.freeze import FreezeInvariantError, run_freeze_stage, tensor_sha256
 from stages.rundir import RunDir, RunDirError
 from stages.tracking import Tracker, flatten
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _open(tmp_path, fp="abc"):
     return RunDir.open(tmp_path / "run", name="x", fingerprint=fp, config={"a": 1}, repo=tmp_path)
@@ -43,12 +45,14 @@ def test_rundir_keeps_partial_outputs_aside(tmp_path):
 
 def test_rundir_refuses_another_runs_directory(tmp_path):
     rd = _open(tmp_path, fp="one")
-    assert _open(tmp_path, fp="one").root.exists()  # same config: resume
+    with pytest.raises(RunDirError, match="in progress in another process"):  # two drivers, one run
+        RunDir.open(tmp_path / "run", name="x", fingerprint="one", config={"a": 1}, repo=tmp_path, lock_wait_s=0.5)
     rd.begin("00-data")
     rd.complete("00-data", wall_s=1.0)
     del rd  # (releases its run.lock: the refusal must not depend on it)
     with pytest.raises(RunDirError, match="different configuration .* with finished stages \\(00-data\\)"):
         _open(tmp_path, fp="two")
+    assert _open(tmp_path, fp="one").completed("00-data")  # same config, no other driver: resume
     assert json.loads((tmp_path / "run" / "run.json").read_text())["fingerprint"] == "one"
     assert not list((tmp_path / "run").glob("replaced-*"))
     (tmp_path / "other").mkdir()
@@ -82,7 +86,19 @@ def test_rundir_of_a_run_that_finished_no_stage_is_taken_over(tmp_path):
     # the new run gets its own MLflow parent run (the old one's params would clash)
     new_parent = Tracker(rd2.root, uri=None, experiment="exp").start_parent("p", {"train.lr": "0.2"}, {})
     assert new_parent != old_parent
-    assert _open(tmp_path, fp="two").root == rd2.root  # and resumes as its own
+    root2 = rd2.root
+    del rd2
+    assert _open(tmp_path, fp="two").root == root2  # and resumes as its own
+
+
+def test_resume_waits_a_moment_for_a_driver_that_is_exiting(tmp_path):
+    import threading
+
+    exiting = _open(tmp_path, fp="one")
+    threading.Timer(0.5, exiting._lock_file.close).start()  # its process ends: the lock goes
+    resumed = RunDir.open(tmp_path / "run", name="x", fingerprint="one", config={"a": 1}, repo=tmp_path,
+                          lock_wait_s=10.0)
+    assert resumed._lock_file is not None
 
 
 def test_rundir_in_use_is_not_taken_over(tmp_path):
@@ -142,6 +158,62 @@ def test_tracker_parent_and_nested_runs(tmp_path):
     assert Tracker(tmp_path, uri=None, experiment="exp").start_parent("p", {}, {}) == parent
 
 
+def test_resume_marks_stage_runs_of_a_killed_driver_killed_and_logs_metrics_once(tmp_path):
+    tr = Tracker(tmp_path, uri=None, experiment="exp")
+    parent = tr.start_parent("p", {}, {})
+    done = tr.start_stage("02-train-A")
+    tr.end(done)
+    abandoned = tr.start_stage("05-train-B")  # the driver dies here: never ended
+    tr.log_metrics(parent, {"acc/A": 50.0}, step=1)
+    other = Tracker(tmp_path, uri=None, experiment="exp")
+    unrelated = other.client.create_run(other.experiment_id, run_name="not-ours").info.run_id  # no parent tag
+    # a nested run that is not a stage (a sweep's trial run): Tune resumes it, it is left alone
+    trial = other.client.create_run(other.experiment_id, run_name="trial",
+                                    tags={"mlflow.parentRunId": parent}).info.run_id
+    assert other.start_parent("p", {}, {}) == parent
+    status = lambda r: other.client.get_run(r).info.status  # noqa: E731
+    assert (status(done), status(abandoned), status(unrelated), status(trial)) == (
+        "FINISHED", "KILLED", "RUNNING", "RUNNING")
+    assert "re-run on resume" in other.client.get_run(abandoned).data.tags["stopped"]
+    assert other.has_metric_at(parent, "acc/A", 1) and not other.has_metric_at(parent, "acc/A", 2)
+    assert not other.has_metric_at(parent, "acc/never", 1)
+
+
+def test_run_dir_records_every_invocation(tmp_path):
+    rd = RunDir.open(tmp_path / "r", name="x", fingerprint="f", config={}, repo=tmp_path)
+    assert rd.invocations() == []
+    rd.record_invocation(started=1.0, wall_s=10.004, outcome="stopped")
+    rd.record_invocation(started=20.0, wall_s=5.0, outcome="finished")
+    assert rd.invocations() == [{"started": 1.0, "wall_s": 10.0, "outcome": "stopped"},
+                                {"started": 20.0, "wall_s": 5.0, "outcome": "finished"}]
+    with open(rd.root / "invocations.jsonl", "a") as fh:  # a driver killed mid-write
+        fh.write('{"started": 30.0, "wall')
+    rd.record_invocation(started=40.0, wall_s=1.0, outcome="failed")
+    assert [i["started"] for i in rd.invocations()] == [1.0, 20.0, 40.0]  # the torn line is left out
+
+
 def test_flatten_drops_secret_looking_keys():
     flat = flatten({"data": {"root": "s3://b/p", "aws_secret_access_key": "x"}, "token": "y", "a": [1, 2]})
     assert flat == {"data.root": "s3://b/p", "a": "[1, 2]"}
+
+
+def test_sigterm_notice_is_printed_before_rays_handler_stops_the_driver():
+    """``ray job stop`` sends SIGTERM; Ray's driver handler exits and Ray aborts the process about
+    3 s later, so the resume hint must be printed in the handler itself, not after clean-up.
+    Run in a child process: the test must not replace pytest's own signal handlers."""
+    code = (
+        "import os, signal, sys\n"
+        "from stages.runner import _say_on_sigterm\n"
+        "signal.signal(signal.SIGTERM, lambda s, f: sys.exit(s))  # what ray.init installs\n"
+        "_say_on_sigterm('first notice')\n"
+        "_say_on_sigterm('how to resume')  # a second init_ray: one handler, the latest notice\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    signal.pause()\n"
+        "except SystemExit as exc:\n"
+        "    print('exit', exc.code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["how to resume"]
+    assert proc.stdout.strip() == "exit 15"
