@@ -345,7 +345,7 @@ def _stub_ray(monkeypatch, crash_in_init: bool) -> None:
     import stages.runner
     import stages.tune
 
-    def init_ray(cfg):
+    def init_ray(cfg, stop_notice=None):
         if crash_in_init:
             raise _RayInitTimeout("The current node timed out during startup")
 
