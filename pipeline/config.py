@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -73,14 +74,75 @@ class MethodConfig:
     lr: float | None = None
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")  # transformers.get_scheduler names (warm-up added)
+
+
+@dataclass
+class TaskTrainConfig:
+    """``train.per_task.<Task>``: one task's own training settings; a key left out (None) takes the
+    global ``train.*`` value (``lr``: the method's ``method.lr``, then ``train.lr``)."""
+
+    epochs: float | None = None
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    lr: float | None = None
+    lr_schedule: str | None = None
+    warmup_ratio: float | None = None
+    warmup_steps: int | None = None
+    weight_decay: float | None = None
+    max_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class StageTrain:
+    """The training settings one train stage runs with (``ExperimentConfig.stage_train``)."""
+
+    epochs: float
+    batch_size: int  # per worker micro-batch
+    grad_accum: int
+    lr: float  # peak learning rate of the method's parameters
+    lr_schedule: str
+    warmup_ratio: float
+    warmup_steps: int  # > 0 wins over warmup_ratio (as in transformers' TrainingArguments)
+    weight_decay: float
+    max_steps: int | None
+
+    def warmup_for(self, optimizer_steps: int) -> int:
+        """Warm-up optimizer steps out of ``optimizer_steps`` (ceil of the ratio, as transformers)."""
+        if self.warmup_steps > 0:
+            return min(self.warmup_steps, optimizer_steps)
+        return min(optimizer_steps, math.ceil(self.warmup_ratio * optimizer_steps))
+
+    def describe(self, world: int) -> str:
+        """One line for the dry run and the train stage's log."""
+        warm = f"{self.warmup_steps} steps" if self.warmup_steps > 0 else f"ratio {self.warmup_ratio:g}"
+        steps = f", max_steps {self.max_steps}" if self.max_steps else ""
+        return (f"epochs {self.epochs:g}, batch {self.batch_size} x accum {self.grad_accum} x {world} worker(s) "
+                f"= {self.batch_size * self.grad_accum * world} global, lr {self.lr:g} {self.lr_schedule}, "
+                f"warm-up {warm}, weight decay {self.weight_decay:g}{steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 16  # per worker micro-batch
     grad_accum: int = 1
     lr: float = 3e-3
+    # Learning-rate schedule over each train stage's optimizer steps, after a linear warm-up of
+    # warmup_steps (if > 0) or ceil(warmup_ratio * steps): "constant", "cosine" (to 0) or "linear"
+    # (to 0), as transformers.get_scheduler builds them (the schedules LLaVA's trainer uses).
+    lr_schedule: str = "constant"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     max_steps: int | None = None
+    # Per-task settings: {TaskName: {epochs, batch_size, grad_accum, lr, lr_schedule, warmup_ratio,
+    # warmup_steps, weight_decay, max_steps}}; keys left out take the values above. A joint
+    # (multi-task) stage trains on all tasks at once and uses the values above only.
+    per_task: dict[str, TaskTrainConfig] = field(default_factory=dict)
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -188,6 +250,11 @@ class ExperimentConfig:
         for key in ("batch_size", "num_workers", "grad_accum"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1")
+        _check_train_settings(self.train, "train")
+        for task, over in self.train.per_task.items():
+            if task not in self.tasks:
+                raise ConfigError(f"train.per_task.{task}: {task!r} is not one of the run's tasks {self.tasks}")
+            _check_train_settings(over, f"train.per_task.{task}")
         if self.eval.batch_size < 1 or self.eval.concurrency < 1:
             raise ConfigError("eval.batch_size and eval.concurrency must be >= 1")
         if not self.resources.decode_cpus > 0:
@@ -204,6 +271,25 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def stage_train(self, task: str | None) -> StageTrain:
+        """The settings a train stage for ``task`` runs with: ``train.per_task[task]`` over the
+        global ``train.*`` values (``lr``: per-task, else ``method.lr``, else ``train.lr``).
+        ``task=None`` (a joint stage over all tasks) takes the global values."""
+        t = self.train
+        over = t.per_task.get(task) if task is not None else None
+        over = over or TaskTrainConfig()
+
+        def pick(name: str) -> Any:
+            value = getattr(over, name)
+            return getattr(t, name) if value is None else value
+
+        lr = over.lr if over.lr is not None else (self.method.lr or t.lr)
+        return StageTrain(
+            epochs=pick("epochs"), batch_size=pick("batch_size"), grad_accum=pick("grad_accum"), lr=lr,
+            lr_schedule=pick("lr_schedule"), warmup_ratio=pick("warmup_ratio"), warmup_steps=pick("warmup_steps"),
+            weight_decay=pick("weight_decay"), max_steps=pick("max_steps"),
+        )
+
     def fingerprint(self) -> str:
         """Hash of the resolved config: identifies a run (same config => same run directory).
 
@@ -218,6 +304,28 @@ class ExperimentConfig:
         if "://" in path or Path(path).is_absolute():
             return path
         return str(REPO_ROOT / path)
+
+
+def _check_train_settings(t: TrainConfig | TaskTrainConfig, where: str) -> None:
+    """Range checks shared by ``train`` and each ``train.per_task.<Task>`` (None = not set)."""
+    for key in ("batch_size", "grad_accum"):
+        value = getattr(t, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{where}.{key}: must be >= 1 (got {value})")
+    if t.epochs is not None and not t.epochs > 0:
+        raise ConfigError(f"{where}.epochs: must be > 0 (got {t.epochs})")
+    if t.lr is not None and not t.lr > 0:
+        raise ConfigError(f"{where}.lr: must be > 0 (got {t.lr})")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"{where}.max_steps: must be >= 1 (got {t.max_steps})")
+    if t.lr_schedule is not None and t.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"{where}.lr_schedule: {t.lr_schedule!r} is not one of {LR_SCHEDULES}")
+    if t.warmup_ratio is not None and not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"{where}.warmup_ratio: must be in [0, 1) (got {t.warmup_ratio})")
+    if t.warmup_steps is not None and t.warmup_steps < 0:
+        raise ConfigError(f"{where}.warmup_steps: must be >= 0 (got {t.warmup_steps})")
+    if t.weight_decay is not None and t.weight_decay < 0:
+        raise ConfigError(f"{where}.weight_decay: must be >= 0 (got {t.weight_decay})")
 
 
 def _from_dict(cls: type, data: Any, where: str) -> Any:
@@ -265,6 +373,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and dataclasses.is_dataclass(args[1]):
+            return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
         return dict(value)
     if tp is Any:
         return value

@@ -28,6 +28,28 @@ def count_method(cfg: ExperimentConfig, name: str, options: dict[str, Any]) -> d
     }
 
 
+def train_settings_lines(cfg: ExperimentConfig, schedule: str) -> list[str]:
+    """The training settings of every train stage (per task for a sequential run)."""
+    world = cfg.train.num_workers
+    if schedule == "none":
+        return ["Training: none (this method trains nothing)"]
+    if schedule != "sequential":
+        return [f"Training ({schedule}, one stage over all tasks): {cfg.stage_train(None).describe(world)}"]
+    width = max(len(t) for t in cfg.tasks)
+    return ["Training per task:"] + [f"  {t:<{width}}  {cfg.stage_train(t).describe(world)}" for t in cfg.tasks]
+
+
+def input_line(cfg: ExperimentConfig) -> str:
+    """How images and guide features are prepared (the preprocessing a checkpoint expects)."""
+    from pipeline.models.build import image_pad_color
+
+    m = cfg.model
+    color = image_pad_color(m)
+    images = f"padded to a square of RGB {color}" if color else "stretched to a square"
+    return (f"Inputs: images {images}, then resized to {m.image_size}; guide {m.guide_arch} "
+            f"(QuickGELU {'on' if m.quick_gelu else 'off'}), text feature {m.guide_text_feature}")
+
+
 def dry_run_report(cfg: ExperimentConfig, run) -> str:
     from pipeline.methods.base import registered_methods
 
@@ -38,6 +60,9 @@ def dry_run_report(cfg: ExperimentConfig, run) -> str:
         "",
         "Stage DAG (execution order; '<-' lists dependencies):",
         describe_dag(run.stages),
+        "",
+        *train_settings_lines(cfg, run.schedule),
+        input_line(cfg),
         "",
         "Parameters per method (one task's parameters, built on the meta device, no weights read):",
         f"{'method':<14}{'total':>16}{'trainable':>16}{'share %':>10}{'share % (+guide)':>18}",

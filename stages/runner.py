@@ -246,12 +246,18 @@ class PipelineRun:
     def _stage(self, kind: str, task_index: int) -> dagmod.Stage:
         return next(s for s in self.stages if s.kind == kind and s.task_index == task_index)
 
+    def _pad_color(self) -> tuple[int, int, int] | None:
+        """How images become square for this run's base (after the base stage: its folder)."""
+        from pipeline.models.build import image_pad_color
+
+        return image_pad_color(self.cfg.model, self.base.lmm_dir if self.base else None)
+
     def _train_data(self, stage: dagmod.Stage) -> tuple[Any, int, list]:
         cfg = self.cfg
         datasets, n, loads = [], 0, []
         for task in stage.tasks:
             ds, res = read_dataset(self.source, task, "train", image_size=cfg.model.image_size, on_bad=cfg.data.on_bad,
-                                   decode_num_cpus=cfg.resources.decode_cpus)
+                                   decode_num_cpus=cfg.resources.decode_cpus, pad_color=self._pad_color())
             if cfg.data.max_train_per_task:
                 ds = ds.limit(cfg.data.max_train_per_task)
             datasets.append(ds)
@@ -287,6 +293,10 @@ class PipelineRun:
         if self.schedule == "sequential" and stage.task_index > 0:
             prev = self.rundir.stage_dir(self._stage("freeze", stage.task_index - 1).id) / "method_state.safetensors"
         task_name = stage.tasks[0] if len(stage.tasks) == 1 else "joint"
+        settings = cfg.stage_train(task_name if self.schedule == "sequential" else None)
+        if cfg.train.per_task or settings.lr_schedule != "constant" or settings.warmup_for(10**9):
+            self.log(f"{stage.id}: {settings.describe(cfg.train.num_workers)}")
+        self.tracker.log_params(run_id, {f"stage_train.{k}": str(v) for k, v in settings.to_dict().items()})
         on_progress = lambda rows: self.tracker.log_metric_series(run_id, rows)  # noqa: E731
         if self._resident_ok:
             if self._resident is None:
@@ -339,7 +349,7 @@ class PipelineRun:
 
     def _test_data(self, task: str):
         ds, res = read_dataset(self.source, task, "test", image_size=self.cfg.model.image_size,
-                               decode_num_cpus=self.cfg.resources.decode_cpus)
+                               decode_num_cpus=self.cfg.resources.decode_cpus, pad_color=self._pad_color())
         rows = res.rows
         if self.cfg.data.max_test_per_task:
             ds, rows = ds.limit(self.cfg.data.max_test_per_task), rows[: self.cfg.data.max_test_per_task]

@@ -29,6 +29,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +41,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train.torch import TorchTrainer
 
-from pipeline.config import ExperimentConfig, config_from_dict
+from pipeline.config import ExperimentConfig, StageTrain, config_from_dict
 from pipeline.methods.base import GradAccess, adjust_gradients, finish_task
 from stages.common import (
     BaseModels,
@@ -165,17 +166,20 @@ def _train_job(config: dict[str, Any], *, t_enter: float, dataset_name: str, fin
     t0 = time.time()
     import deepspeed
 
+    settings = StageTrain(**config["train"])
+    total_steps = config["total_steps"]
     ds_cfg = fill_deepspeed_config(
-        config["deepspeed"], micro_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-        world_size=world, lr=cfg.method.lr or cfg.train.lr, weight_decay=cfg.train.weight_decay,
+        config["deepspeed"], micro_batch=settings.batch_size, grad_accum=settings.grad_accum,
+        world_size=world, lr=settings.lr, weight_decay=settings.weight_decay,
         use_bf16=(device == "cuda" and cfg.model.dtype == "bfloat16"),
     )
     params = [p for p in method.trainable_parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=method, model_parameters=params, config=ds_cfg)
+    schedule = lr_schedule(settings, total_steps, start_step)
+    engine, _, _, _ = deepspeed.initialize(model=method, model_parameters=params, config=ds_cfg,
+                                           lr_scheduler=schedule)
     method.train()
     setup["deepspeed_init_s"] = time.time() - t0
 
-    total_steps = config["total_steps"]
     shard = ray.train.get_dataset_shard(dataset_name)
     collate = _TrainCollate(lmm)
     progress_file = Path(config["progress_file"]) if rank == 0 else None
@@ -184,7 +188,7 @@ def _train_job(config: dict[str, Any], *, t_enter: float, dataset_name: str, fin
     loop_s = 0.0
     while step < total_steps:
         batches = shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size, collate_fn=collate, device="cpu",
+            batch_size=settings.batch_size, collate_fn=collate, device="cpu",
             local_shuffle_buffer_size=config["shuffle_buffer"], local_shuffle_seed=cfg.seed + epoch,
         )
         for batch in batches:
@@ -208,7 +212,7 @@ def _train_job(config: dict[str, Any], *, t_enter: float, dataset_name: str, fin
             last_loss = float(loss.detach())
             if rank == 0 and (step % cfg.train.log_every == 0 or step == total_steps):
                 row = {"step": step, "loss": last_loss, "samples_per_s": seen / max(1e-9, time.time() - t_start),
-                       "epoch": epoch}
+                       "epoch": epoch, "lr": engine.get_lr()[0]}
                 print(f"[train {task_name}] step {step}/{total_steps} loss {last_loss:.4f} "
                       f"{row['samples_per_s']:.1f} samples/s", flush=True)
                 with open(progress_file, "a") as fh:
@@ -218,7 +222,7 @@ def _train_job(config: dict[str, Any], *, t_enter: float, dataset_name: str, fin
         epoch += 1
 
     def task_batches():  # for an optional end-of-task pass (consolidate): one epoch, in order
-        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, collate_fn=collate, device="cpu"):
+        for batch in shard.iter_torch_batches(batch_size=settings.batch_size, collate_fn=collate, device="cpu"):
             yield {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     t0 = time.time()
@@ -274,11 +278,49 @@ class TrainJob:
         return self.stage_dir.name
 
 
+def stage_settings(cfg: ExperimentConfig, job: TrainJob) -> StageTrain:
+    """A sequential stage trains one task with that task's settings; a joint stage the global ones."""
+    return cfg.stage_train(job.task_name if job.schedule == "sequential" else None)
+
+
+def total_micro_steps(settings: StageTrain, num_rows: int, world: int) -> int:
+    """Micro-batch steps of a stage: ``epochs`` passes over ``num_rows`` rows (or ``max_steps``)."""
+    steps_per_epoch = max(1, math.ceil(num_rows / (settings.batch_size * world)))
+    return settings.max_steps or max(1, int(round(settings.epochs * steps_per_epoch)))
+
+
+def lr_schedule(settings: StageTrain, total_steps: int, start_step: int = 0) -> Callable | None:
+    """DeepSpeed's ``lr_scheduler`` argument: a callable that builds transformers' schedule
+    (``get_scheduler``: linear warm-up, then constant / cosine / linear decay) on DeepSpeed's
+    optimizer, stepped by the engine at every optimizer step. None for a constant rate without
+    warm-up (DeepSpeed then keeps the optimizer's rate, as before schedules existed).
+
+    ``total_steps`` and ``start_step`` count micro-batches; the schedule runs over
+    ceil(total_steps / grad_accum) optimizer steps and, for a stage resumed at ``start_step``,
+    starts where the interrupted one was."""
+    optimizer_steps = max(1, math.ceil(total_steps / settings.grad_accum))
+    warmup = settings.warmup_for(optimizer_steps)
+    if settings.lr_schedule == "constant" and warmup == 0:
+        return None
+    name = "constant_with_warmup" if settings.lr_schedule == "constant" else settings.lr_schedule
+    done = start_step // settings.grad_accum
+
+    def build(optimizer):
+        from transformers import get_scheduler
+
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=optimizer_steps)
+        with warnings.catch_warnings():  # fast-forwarding before any optimizer.step is intended here
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            for _ in range(done):
+                scheduler.step()
+        return scheduler
+
+    return build
+
+
 def _job_config(cfg: ExperimentConfig, job: TrainJob, base: BaseModels) -> dict[str, Any]:
-    world = cfg.train.num_workers
-    per_step = cfg.train.batch_size * world
-    steps_per_epoch = max(1, math.ceil(job.num_rows / per_step))
-    total = cfg.train.max_steps or max(1, int(round(cfg.train.epochs * steps_per_epoch)))
+    settings = stage_settings(cfg, job)
+    total = total_micro_steps(settings, job.num_rows, cfg.train.num_workers)
     with open(cfg.resolve_path(cfg.train.deepspeed)) as fh:
         ds_template = json.load(fh)
     return {
@@ -286,6 +328,7 @@ def _job_config(cfg: ExperimentConfig, job: TrainJob, base: BaseModels) -> dict[
         "prev_state": str(job.prev_state) if job.prev_state else None,
         "task_index": job.task_index, "task_name": job.task_name, "schedule": job.schedule,
         "stage_index": job.stage_index, "total_steps": total, "deepspeed": ds_template,
+        "train": settings.to_dict(),
         "progress_file": str(job.stage_dir / "progress.jsonl"), "shuffle_buffer": min(job.num_rows, 1024),
     }
 

@@ -355,26 +355,49 @@ def decode_error_reason(path: str, error: Exception) -> str:
     return f"cannot decode image {path!r}: {detail}"
 
 
-def decode_image(fs: Any, path: str, size: int) -> np.ndarray:
-    """Decoded image resized to ``size x size``: uint8 array of shape (size, size, 3)."""
+PadColor = tuple[int, int, int] | None  # RGB of the square an image is centred on; None = stretch
+
+
+def expand_to_square(image, color: tuple[int, int, int]):
+    """A PIL image centred on a square of ``color`` (LLaVA-1.5's ``expand2square``: the short side
+    is padded, (long - short) // 2 before the image, the rest after)."""
     from PIL import Image
 
-    image = open_image(fs, path).resize((size, size), Image.Resampling.BICUBIC)
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), tuple(color))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def decode_image(fs: Any, path: str, size: int, pad_color: PadColor = None) -> np.ndarray:
+    """Decoded image resized to ``size x size``: uint8 array of shape (size, size, 3). With
+    ``pad_color`` the image is first padded to a square of that colour (``expand_to_square``),
+    otherwise a non-square image is stretched."""
+    from PIL import Image
+
+    image = open_image(fs, path)
+    if pad_color is not None:
+        image = expand_to_square(image, pad_color)
+    image = image.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(image, dtype=np.uint8)
 
 
-def _decode_one(fs: Any, root: str, row_path: str, size: int, bad: BadRecord) -> np.ndarray:
+def _decode_one(fs: Any, root: str, row_path: str, size: int, bad: BadRecord, pad_color: PadColor = None
+                ) -> np.ndarray:
     """Decode a row's image (zeros when the record has none); DataError naming the record."""
     if not row_path:
         return np.zeros((size, size, 3), dtype=np.uint8)
     try:
-        return decode_image(fs, storage.join(root, row_path), size)
+        return decode_image(fs, storage.join(root, row_path), size, pad_color)
     except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, ...)
         raise DataError(BadRecord(bad.file, bad.index, bad.id, "image", decode_error_reason(row_path, e))) from e
 
 
 def iter_decoded(source: CoinSource, task: str, split: str, image_size: int, *, on_bad: str = "error",
-                 bad_out: list[BadRecord] | None = None) -> Iterator[dict[str, Any]]:
+                 bad_out: list[BadRecord] | None = None, pad_color: PadColor = None) -> Iterator[dict[str, Any]]:
     """Yield validated rows with their decoded ``image``, without Ray, one at a time.
 
     Under on_bad="skip" every skipped record (validation and decode) is appended to
@@ -386,7 +409,8 @@ def iter_decoded(source: CoinSource, task: str, split: str, image_size: int, *, 
     fs, root = storage.resolve(source.image_root)
     for row in result.rows:
         try:
-            image = _decode_one(fs, root, row["image_path"], image_size, BadRecord(result.file, row["index"], row["id"], None, ""))
+            image = _decode_one(fs, root, row["image_path"], image_size,
+                                BadRecord(result.file, row["index"], row["id"], None, ""), pad_color)
         except DataError as e:
             if on_bad != "skip":
                 raise
@@ -423,7 +447,7 @@ def _row_schema():
     return pa.schema([(name, types.get(name, pa.string())) for name in ROW_COLUMNS])
 
 
-def _decode_batch(batch, *, fs: Any, root: str, size: int, file: str, log: Any):
+def _decode_batch(batch, *, fs: Any, root: str, size: int, file: str, log: Any, pad_color: PadColor = None):
     """map_batches body on a pyarrow batch: add ``image`` (n, size, size, 3) uint8. A row whose
     image fails to decode is dropped and logged when ``log`` is an actor handle (skip mode);
     otherwise the DataError naming file, record, id and field is raised."""
@@ -436,7 +460,7 @@ def _decode_batch(batch, *, fs: Any, root: str, size: int, file: str, log: Any):
     failed: list[BadRecord] = []
     for k, path in enumerate(paths):
         try:
-            images[k] = _decode_one(fs, root, path, size, BadRecord(file, indices[k], ids[k], None, ""))
+            images[k] = _decode_one(fs, root, path, size, BadRecord(file, indices[k], ids[k], None, ""), pad_color)
         except DataError as e:
             if log is None:
                 raise
@@ -451,7 +475,7 @@ def _decode_batch(batch, *, fs: Any, root: str, size: int, file: str, log: Any):
 
 def read_dataset(source: CoinSource, task: str, split: str, *, image_size: int, on_bad: str = "error",
                  ray_parallelism: int | None = None, decode_batch_size: int = 32,
-                 decode_num_cpus: float | None = None) -> tuple[Dataset, LoadResult]:
+                 decode_num_cpus: float | None = None, pad_color: PadColor = None) -> tuple[Dataset, LoadResult]:
     """A Ray Dataset of one split, images decoded lazily (streaming) in ``map_batches``.
 
     Returns ``(dataset, LoadResult)``; the dataset has every schema column including
@@ -459,7 +483,8 @@ def read_dataset(source: CoinSource, task: str, split: str, *, image_size: int, 
     (this switches on preserve_order in the current DataContext). ``ray_parallelism`` sets the
     number of input blocks; ``decode_num_cpus`` the CPUs each decode task reserves (a fraction
     leaves room for Train workers). Under on_bad="skip" see ``LoadResult.decode_failures()``
-    for rows dropped while decoding; the dataset keeps the log actor alive.
+    for rows dropped while decoding; the dataset keeps the log actor alive. ``pad_color``: see
+    ``decode_image``.
     """
     import ray
 
@@ -476,6 +501,7 @@ def read_dataset(source: CoinSource, task: str, split: str, *, image_size: int, 
         batch_size=decode_batch_size,
         batch_format="pyarrow",
         **({"num_cpus": decode_num_cpus} if decode_num_cpus is not None else {}),
-        fn_kwargs={"fs": fs, "root": root, "size": image_size, "file": result.file, "log": result.decode_log},
+        fn_kwargs={"fs": fs, "root": root, "size": image_size, "file": result.file, "log": result.decode_log,
+                   "pad_color": pad_color},
     )
     return ds, result

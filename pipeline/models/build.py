@@ -115,13 +115,13 @@ def build_guide(cfg: ModelConfig, *, device: str | torch.device = "cpu", meta: b
     model = build_clip(cfg, meta=meta)
     inputs = GuideInputs.from_config(cfg)
     if meta:
-        return Guide(model, inputs)
+        return Guide(model, inputs, cfg.guide_text_feature)
     source = weights or cfg.guide_path
     if source is not None:
         load_clip_weights(model, str(_local(source)))
     elif cfg.guide_arch != "tiny":
         raise ValueError(f"guide_path: guide_arch {cfg.guide_arch!r} needs a checkpoint file (no downloads)")
-    return Guide(model.to(device=device, dtype=DTYPES[cfg.dtype]), inputs)
+    return Guide(model.to(device=device, dtype=DTYPES[cfg.dtype]), inputs, cfg.guide_text_feature)
 
 
 @dataclass
@@ -185,6 +185,27 @@ def _with_size(cfg: ModelConfig, config: Any) -> ModelConfig:
     import dataclasses
 
     return dataclasses.replace(cfg, image_size=int(config.vision_config.image_size))
+
+
+def image_pad_color(cfg: ModelConfig, lmm_dir: str | None = None) -> tuple[int, int, int] | None:
+    """The RGB colour images are padded to a square with (``model.image_aspect``), None to stretch.
+
+    As LLaVA-1.5 and transformers' ``LlavaImageProcessor(do_pad=True)``: the processor's
+    ``image_mean`` times 255, truncated to integers. The mean comes from the checkpoint folder's
+    ``preprocessor_config.json`` (``lmm_dir``, else ``model.path``; local or s3://, only that
+    file is read), CLIP's where there is none."""
+    if not cfg.pads_images:
+        return None
+    mean: Any = CLIP_MEAN
+    folder = lmm_dir or cfg.path
+    if folder and "${" not in folder:
+        from pipeline.data import storage
+
+        fs, root = storage.resolve(folder)
+        file = storage.join(root, "preprocessor_config.json")
+        if storage.exists(fs, file):
+            mean = storage.read_json(fs, file).get("image_mean", CLIP_MEAN)
+    return tuple(int(float(x) * 255) for x in mean)
 
 
 def _image_stats(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:

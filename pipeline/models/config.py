@@ -26,6 +26,8 @@ KINDS = ("tiny", "llava_hf")
 DTYPES = ("float32", "bfloat16")
 TEMPLATES = ("tiny", "llava_v1")
 OVERFLOW = ("raise", "count")
+GUIDE_TEXT_FEATURES = ("pooled", "projected")
+IMAGE_ASPECTS = ("auto", "pad", "stretch")
 GUIDE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -125,6 +127,19 @@ class ModelConfig:
     path: str | None = None  # llava-hf folder (local or s3://)
     guide_arch: str = "tiny"  # "tiny" or an open_clip model name, e.g. "ViT-L-14-336"
     guide_path: str | None = None  # open_clip checkpoint file (local or s3://)
+    # The guide's text feature: "pooled" = the text tower's end-of-text state after its final layer
+    # norm, without the text projection (what ModalPrompt's reference code takes: CLIPTextModel's
+    # pooler_output); "projected" = open_clip's encode_text, projected into the image-text space.
+    guide_text_feature: str = "pooled"
+    # QuickGELU activations in the guide (OpenAI's CLIP weights were trained with them; open_clip's
+    # plain architecture configs use GELU). None: True for an architecture OpenAI released weights
+    # of (open_clip's "openai" pretrained tag), False for the tiny guide and everything else.
+    guide_quick_gelu: bool | None = None
+    # How an image becomes a square before it is resized to image_size, for the LMM and the guide
+    # alike: "pad" = centred on a square of the image processor's mean colour (LLaVA-1.5's
+    # expand2square, --image_aspect_ratio pad; llava-hf's do_pad), "stretch" = resized as it is.
+    # "auto": pad for llava_hf checkpoints, stretch for the tiny base (trained on stretched images).
+    image_aspect: str = "auto"
     image_size: int = 32
     dtype: str = "float32"
     template: str = "tiny"
@@ -146,6 +161,20 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def pads_images(self) -> bool:
+        """Whether images are padded to a square (``image_aspect`` with "auto" resolved)."""
+        if self.image_aspect == "auto":
+            return self.kind == "llava_hf"
+        return self.image_aspect == "pad"
+
+    @property
+    def quick_gelu(self) -> bool:
+        """``guide_quick_gelu`` with None resolved (see the field)."""
+        if self.guide_quick_gelu is not None:
+            return self.guide_quick_gelu
+        return self.guide_arch != "tiny" and self.guide_arch in openai_clip_archs()
+
     def validate(self) -> None:
         def bad(name: str, msg: str) -> ValueError:
             return ValueError(f"{name}: {msg}")
@@ -156,6 +185,10 @@ class ModelConfig:
             raise bad("dtype", f"{self.dtype!r} is not one of {DTYPES}")
         if self.template not in TEMPLATES:
             raise bad("template", f"{self.template!r} is not one of {TEMPLATES}")
+        if self.guide_text_feature not in GUIDE_TEXT_FEATURES:
+            raise bad("guide_text_feature", f"{self.guide_text_feature!r} is not one of {GUIDE_TEXT_FEATURES}")
+        if self.image_aspect not in IMAGE_ASPECTS:
+            raise bad("image_aspect", f"{self.image_aspect!r} is not one of {IMAGE_ASPECTS}")
         if self.on_overflow not in OVERFLOW:
             raise bad("on_overflow", f"{self.on_overflow!r} is not one of {OVERFLOW}")
         if self.image_size <= 0:
@@ -183,6 +216,16 @@ class ModelConfig:
             raise bad("guide_path", f"{self.guide_path!r} must end with one of {GUIDE_SUFFIXES}")
         self.tiny.validate("tiny")
         self.pretrain.validate("pretrain")
+
+
+def openai_clip_archs() -> set[str]:
+    """open_clip architectures with an "openai" pretrained tag (weights trained with QuickGELU),
+    read from open_clip's pretrained table without importing the package's models."""
+    try:
+        from open_clip.pretrained import list_pretrained
+    except ImportError:
+        return set()
+    return {arch for arch, tag in list_pretrained() if tag == "openai" and not arch.endswith("-quickgelu")}
 
 
 def open_clip_model_names() -> set[str]:

@@ -110,16 +110,26 @@ def normalize_images(images: Any, size: int, mean: Sequence[float], std: Sequenc
 
 
 class Guide:
-    """Frozen open_clip CLIP exposing projected image / text embeddings (``GuideLike``).
+    """Frozen open_clip CLIP exposing image embeddings and text features (``GuideLike``).
 
     Attributes: ``model`` (the CLIP, eval, requires_grad False), ``dim`` (d_guide, read from the
     model), ``image_size``, ``mean``, ``std``, ``context_length``.
     """
 
-    def __init__(self, model: torch.nn.Module, inputs: GuideInputs) -> None:
+    def __init__(self, model: torch.nn.Module, inputs: GuideInputs, text_feature: str = "pooled") -> None:
         self.model = model.eval().requires_grad_(False)
         self.inputs = inputs
         self.dim = int(model.visual.output_dim)
+        self.text_feature = text_feature
+        if text_feature == "pooled":
+            if not all(hasattr(model, a) for a in ("token_embedding", "transformer", "ln_final")):
+                raise ValueError("guide_text_feature 'pooled' needs an open_clip CLIP with a built-in text tower "
+                                 f"({type(model).__name__} has none); use 'projected'")
+            width = int(model.ln_final.normalized_shape[0])
+            if width != self.dim:
+                raise ValueError(f"guide_text_feature 'pooled': the text tower's width {width} differs from the "
+                                 f"image embedding's {self.dim}, so one prototype cannot be compared with both; "
+                                 "use guide_text_feature 'projected'")
         self.image_size = inputs.image_size
         self.mean = inputs.mean
         self.std = inputs.std
@@ -148,8 +158,24 @@ class Guide:
 
     @torch.no_grad()
     def encode_text(self, guide_text: torch.Tensor) -> torch.Tensor:
-        """(B, Lc) token ids -> (B, d_guide) float32 projected text embeddings (EOT-pooled)."""
-        return self.model.encode_text(guide_text.to(self.device)).float()
+        """(B, Lc) token ids -> (B, d_guide) float32 text features (EOT-pooled): the pooled state
+        without the text projection ("pooled") or open_clip's projected embedding ("projected")."""
+        text = guide_text.to(self.device)
+        if self.text_feature == "projected":
+            return self.model.encode_text(text).float()
+        return pooled_text_features(self.model, text).float()
+
+
+def pooled_text_features(model: torch.nn.Module, text: torch.Tensor) -> torch.Tensor:
+    """open_clip ``CLIP.encode_text`` up to its pooling, without the text projection: the final
+    layer-normed state at the end-of-text token, as transformers' ``CLIPTextModel.pooler_output``
+    (what ModalPrompt's reference code guides with)."""
+    from open_clip.transformer import text_global_pool
+
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(text).to(cast) + model.positional_embedding.to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+    return text_global_pool(x, text, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
 
 
 def build_clip(cfg: ModelConfig, *, meta: bool = False) -> torch.nn.Module:
@@ -167,6 +193,7 @@ def build_clip(cfg: ModelConfig, *, meta: bool = False) -> torch.nn.Module:
         # timm / HF towers fetch their configs or weights from a hub: not available offline.
         raise ValueError(f"guide_arch: {cfg.guide_arch!r} needs timm/HF hub towers; use a plain ViT CLIP")
     cls = CustomTextCLIP if custom else CLIP
+    model_cfg["quick_gelu"] = cfg.quick_gelu
     if meta:
         with torch.device("meta"):
             return cls(**model_cfg)

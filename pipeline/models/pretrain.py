@@ -68,6 +68,8 @@ def base_key(cfg: ModelConfig, data_seed: int | str) -> str:
         "pretrain": spec,
         "data_seed": data_seed,
     }
+    if cfg.quick_gelu:  # only when set, so the keys of existing (GELU) bases stay as they were
+        doc["guide_quick_gelu"] = True
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
