@@ -54,7 +54,7 @@ def tiny_config():
     spec = TinySpec(
         vision_layers=1, vision_hidden=32, vision_heads=2, vision_intermediate=64, patch_size=8,
         lm_layers=2, lm_hidden=32, lm_heads=2, lm_intermediate=64, max_position_embeddings=128,
-        guide_embed_dim=24, guide_vision_width=32, guide_vision_layers=1, guide_vision_head_width=16,
+        guide_embed_dim=32, guide_vision_width=48, guide_vision_layers=1, guide_vision_head_width=16,
         guide_patch_size=8, guide_text_width=32, guide_text_layers=1, guide_text_heads=2,
         guide_context_length=16,
     )

@@ -248,3 +248,30 @@ def test_restoring_state_draws_no_random_numbers(models) -> None:
     assert torch.equal(torch.get_rng_state(), rng)
     got = fresh.state_tensors()
     assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_prompts_start_as_copies_of_random_vocabulary_rows_by_default(models):
+    """The reference's add_prompt_tokens: each prompt token copies embed_tokens.weight[j] for a
+    j drawn uniformly from the vocabulary; every task draws its own rows."""
+    lmm, _ = models
+    table = lmm.model.get_input_embeddings().weight
+    method = _method(models, 2)
+    for t in range(2):
+        prompts = method.tasks[t].prompts.detach()
+        same = (prompts[:, None, :] == table.detach()[None]).all(dim=-1)  # (M, V)
+        assert bool(same.any(dim=1).all()), t  # every token is exactly one of the vocabulary rows
+    assert not torch.equal(method.tasks[0].prompts, method.tasks[1].prompts)
+    # the same draw as the reference's rule, from the same RNG state
+    torch.manual_seed(7)
+    ids = torch.randint(table.shape[0], (M,))
+    torch.testing.assert_close(method.tasks[0].prompts.detach(), table[ids].detach())
+
+
+def test_mean_prompt_init_starts_near_the_mean_token(models):
+    lmm, _ = models
+    table = lmm.model.get_input_embeddings().weight.detach()
+    method = _method(models, 1, prompt_init="mean")
+    prompts = method.tasks[0].prompts.detach()
+    assert (prompts - table.mean(dim=0)).abs().max() < 0.1 * table.std() * 6
+    with pytest.raises(ValueError, match="prompt_init must be one of"):
+        _method(models, 1, prompt_init="zeros")

@@ -11,6 +11,7 @@ to a real ``ray start --head`` with ``ray job submit``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -179,8 +180,19 @@ def test_ewc_consolidates_in_the_train_stage_and_each_task_keeps_its_fisher(tmp_
     restores it (the penalty needs it) and task 0's entries stay bit-identical. It trains with a
     fit per train stage, so the default tier runs that path too (the resident group is the default)."""
     out = tmp_path / "ewc"
-    proc = _run(out, cache_dir, "--method", "ewc", "resources.resident_train=false")
+    # the second task with its own settings: batch 8 for 2 epochs (8 steps), cosine after 2 warm-up steps
+    per_task = "train.per_task={TextVQA: {batch_size: 8, epochs: 2, lr_schedule: cosine, warmup_steps: 2}}"
+    proc = _run(out, cache_dir, "--method", "ewc", "resources.resident_train=false", per_task, "train.log_every=1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = {d.name: [json.loads(x) for x in (d / "progress.jsonl").read_text().splitlines()]
+            for d in (out / "stages").glob("*-train-*")}
+    assert [r["step"] for r in rows["02-train-ScienceQA"]] == [1, 2]  # 32 rows at the global batch 16, 1 epoch
+    assert [r["lr"] for r in rows["02-train-ScienceQA"]] == pytest.approx([0.002, 0.002])  # constant train.lr
+    # the rate after each optimizer step: linear warm-up over 2 steps, then cosine to 0 at step 8
+    assert [r["step"] for r in rows["05-train-TextVQA"]] == list(range(1, 9))
+    expected = [0.001, 0.002] + [0.001 * (1 + math.cos(math.pi * (k - 2) / 6)) for k in range(3, 9)]
+    assert [r["lr"] for r in rows["05-train-TextVQA"]] == pytest.approx(expected, abs=1e-9)
+    assert "05-train-TextVQA: epochs 2, batch 8 x accum 1 x 1 worker(s) = 8 global, lr 0.002 cosine" in proc.stdout
     assert "a fit per train stage: resources.resident_train is off" in proc.stdout
     assert (out / "stages" / "05-train-TextVQA" / "ray_train").is_dir() and not (out / "ray_train").exists()
     first, second = _frozen_state(out, "03-freeze-ScienceQA"), _frozen_state(out, "06-freeze-TextVQA")

@@ -214,13 +214,18 @@ def test_warm_up_then_cosine_over_the_stages_optimizer_steps():
     assert lr_schedule(cfg.stage_train("ScienceQA"), 40) is None
 
 
-def test_the_7b_config_carries_the_reference_per_task_schedule(monkeypatch):
+def test_the_7b_config_carries_the_reference_per_task_schedule():
+    """scripts/ModalPrompt/Train/*.sh: 10 epochs, 2e-4, cosine after 3% warm-up, no weight decay,
+    4 GPUs x per-device 32/32/64/24/64/16/24/48; the config's 8 workers keep those global batches."""
     from pipeline.config import CONFIG_DIR
 
     cfg = load_config(CONFIG_DIR / "coin_llava7b_modalprompt.yaml")
-    assert set(cfg.train.per_task) == set(cfg.tasks)
-    for task in cfg.tasks:
+    reference = {"ScienceQA": 32, "TextVQA": 32, "ImageNet": 64, "GQA": 24, "VizWiz": 64, "Grounding": 16,
+                 "VQAv2": 24, "OCRVQA": 48}
+    assert set(cfg.train.per_task) == set(cfg.tasks) == set(reference)
+    for task, per_device in reference.items():
         s = cfg.stage_train(task)
-        assert s.lr_schedule == "cosine" and s.warmup_ratio == pytest.approx(0.03)
+        assert s.batch_size * s.grad_accum * cfg.train.num_workers == 4 * per_device, task
+        assert (s.epochs, s.lr, s.lr_schedule, s.warmup_ratio, s.weight_decay) == (10, 2e-4, "cosine", 0.03, 0.0)
     assert cfg.model.pads_images and cfg.model.quick_gelu and cfg.model.guide_text_feature == "pooled"
-    assert cfg.method.options.get("prompt_init", "vocab") == "vocab"
+    assert cfg.method.options["prompt_init"] == "vocab"

@@ -13,18 +13,19 @@ Per task t (0-based here):
 
 Guidance of a sample: x_v = guide.encode_image(guide_pixels), x_i = guide.encode_text(guide_text)
 (the instruction only), both (B, d_guide).  score_t = lam*cos(x_v, proto^t) + (1-lam)*cos(x_i, proto^t).
-x_i is open_clip's text embedding: the end-of-text token's state, projected into the joint
-image-text space, i.e. the text counterpart of the projected image embedding x_v, so that one
-prototype can be near both. (methods.md records that the reference code takes the text tower's
-pooled output; its text-tower module is not in the public code we could read, so whether it
-projects is not known. With CLIP ViT-L/14 both have 768 dimensions.)
+x_v is CLIP's projected image embedding (the reference's CLIPVisionModelWithProjection
+``image_embeds``, on the same padded image the LMM sees). x_i is, by default, the text tower's
+pooled output without the text projection, as the reference's CLIPTextTower takes
+CLIPTextModel's ``pooler_output`` (clip_encoder.py); the paper's Eq. 1 projects only the image.
+``model.guide_text_feature: projected`` uses open_clip's projected text embedding instead. With
+CLIP ViT-L/14 both are 768-dimensional; the guide refuses "pooled" where the widths differ.
 
 Design choices (documented here because the paper leaves them open):
 
-* Prompt init: the mean of the LLM's token-embedding table plus N(0, (0.1*std)^2) noise, std being
-  the table's standard deviation. The mean token is a "neutral" input the frozen LLM has seen the
-  statistics of, so a new task starts close to the base model; the small noise keeps the M tokens
-  distinct. (The reference copies random vocabulary rows, which injects arbitrary word meanings.)
+* Prompt init (``prompt_init``): "vocab", the default, copies M vocabulary rows drawn uniformly at
+  random, as the reference does; "mean" starts every task's tokens at the mean of the token-
+  embedding table plus N(0, (0.1*std)^2) noise (every task starts alike, near a "neutral" token;
+  this project's default before it followed the reference).
 * Fusion order: the prefix is ordered least similar first ... most similar last, so the most similar
   set sits nearest to the image/text (the reference flips its top-k the same way). During training
   the current task counts as the most similar and is always last. While the current task number
@@ -69,6 +70,10 @@ class ModalPromptOptions:
     proto_loss_weight: float = 1.0
     # Tasks with 1-based number <= this fuse ALL previous tasks in task order; None = k - 1.
     fuse_all_until: int | None = None
+    # Initial prompt tokens of each task: "vocab" = copies of M vocabulary rows drawn uniformly at
+    # random (the reference code's add_prompt_tokens), "mean" = the embedding table's mean plus
+    # N(0, (0.1 std)^2) noise (every task starts alike, near a "neutral" token).
+    prompt_init: str = "vocab"
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.M < 1:
@@ -77,8 +82,28 @@ class ModalPromptOptions:
             raise ValueError(f"modalprompt: lam must be in [0, 1] (got {self.lam})")
         if self.temperature < 0:
             raise ValueError(f"modalprompt: temperature must be >= 0 (got {self.temperature})")
+        if self.prompt_init not in PROMPT_INITS:
+            raise ValueError(f"modalprompt: prompt_init must be one of {PROMPT_INITS} (got {self.prompt_init!r})")
         if self.fuse_all_until is None:
             self.fuse_all_until = self.k - 1
+
+
+PROMPT_INITS = ("vocab", "mean")
+
+
+def initial_prompts(table: torch.Tensor, m: int, how: str) -> torch.Tensor:
+    """(m, d) float32 initial prompt tokens from the LLM's (V, d) token-embedding table (global RNG).
+
+    "vocab": rows ``table[j]`` for m ids j drawn uniformly from [0, V), with replacement, as the
+    reference copies ``embed_tokens.weight[np.random.randint(vocab_size)]`` into each new prompt
+    token. "mean": the table's mean row plus N(0, (0.1 * std)^2) noise, std over the whole table."""
+    table = table.detach()
+    with torch.no_grad():
+        if how == "vocab":
+            ids = torch.randint(table.shape[0], (m,), device=table.device)
+            return table[ids].float()
+        mean, std = table.float().mean(dim=0), table.float().std()
+        return mean.expand(m, -1) + 0.1 * std * torch.randn(m, table.shape[1], device=table.device)
 
 
 def select_sets(
@@ -164,12 +189,7 @@ class ModalPrompt(nn.Module):
                 self.tasks.append(TaskPrompt(torch.zeros(self.opts.M, self.d_llm, device=device), self.d_guide)
                                   .requires_grad_(False))
             return
-        with torch.no_grad():
-            mean = table.float().mean(dim=0)
-            std = table.float().std()
-            init = mean.expand(self.opts.M, -1) + 0.1 * std * torch.randn(
-                self.opts.M, self.d_llm, device=device
-            )
+        init = initial_prompts(table, self.opts.M, self.opts.prompt_init)
         self.tasks.append(TaskPrompt(init.contiguous(), self.d_guide).requires_grad_(False))
 
     def begin_task(self, task_index: int, task_name: str = "") -> None:
