@@ -294,7 +294,7 @@ class PipelineRun:
             prev = self.rundir.stage_dir(self._stage("freeze", stage.task_index - 1).id) / "method_state.safetensors"
         task_name = stage.tasks[0] if len(stage.tasks) == 1 else "joint"
         settings = cfg.stage_train(task_name if self.schedule == "sequential" else None)
-        if cfg.train.per_task or settings.lr_schedule != "constant" or settings.warmup_for(10**9):
+        if cfg.train.per_task or settings.lr_schedule != "constant" or settings.warmup_steps or settings.warmup_ratio:
             self.log(f"{stage.id}: {settings.describe(cfg.train.num_workers)}")
         self.tracker.log_params(run_id, {f"stage_train.{k}": str(v) for k, v in settings.to_dict().items()})
         on_progress = lambda rows: self.tracker.log_metric_series(run_id, rows)  # noqa: E731

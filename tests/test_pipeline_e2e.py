@@ -248,6 +248,13 @@ def test_dry_run_of_the_real_7b_config_counts_parameters():
     assert 7.0e9 < int(total.replace(",", "")) < 7.2e9
     assert 0.25 < float(share) < 0.30  # the paper reports 0.27% for M = 10 + Proj_p per task
     assert "25-eval-OCRVQA" in proc.stdout
+    # every task's own schedule (the reference scripts' global batches) and how inputs are prepared
+    assert "Training per task:" in proc.stdout
+    assert ("GQA        epochs 10, batch 12 x accum 1 x 8 worker(s) = 96 global, lr 0.0002 cosine, "
+            "warm-up ratio 0.03") in proc.stdout
+    assert "ImageNet   epochs 10, batch 32 x accum 1 x 8 worker(s) = 256 global" in proc.stdout
+    assert ("Inputs: images padded to a square of RGB (122, 116, 104), then resized to 336; guide ViT-L-14-336 "
+            "(QuickGELU on), text feature pooled") in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,18 +122,24 @@ class Guide:
         self.dim = int(model.visual.output_dim)
         self.text_feature = text_feature
         if text_feature == "pooled":
-            if not all(hasattr(model, a) for a in ("token_embedding", "transformer", "ln_final")):
-                raise ValueError("guide_text_feature 'pooled' needs an open_clip CLIP with a built-in text tower "
-                                 f"({type(model).__name__} has none); use 'projected'")
-            width = int(model.ln_final.normalized_shape[0])
-            if width != self.dim:
-                raise ValueError(f"guide_text_feature 'pooled': the text tower's width {width} differs from the "
-                                 f"image embedding's {self.dim}, so one prototype cannot be compared with both; "
-                                 "use guide_text_feature 'projected'")
+            self._check_pooled()
         self.image_size = inputs.image_size
         self.mean = inputs.mean
         self.std = inputs.std
         self.context_length = inputs.context_length
+
+    def _check_pooled(self) -> None:
+        """The pooled text feature must live in a space of the image embedding's size, or one
+        prototype cannot be compared with both (ViT-L/14: 768 and 768; RN50: 512 vs 1024)."""
+        model = self.model
+        if not all(hasattr(model, a) for a in ("token_embedding", "transformer", "ln_final")):
+            raise ValueError("guide_text_feature 'pooled' needs an open_clip CLIP with a built-in text tower "
+                             f"({type(model).__name__} has none); use 'projected'")
+        width = int(model.ln_final.normalized_shape[0])
+        if width != self.dim:
+            raise ValueError(f"guide_text_feature 'pooled': the text tower's width {width} differs from the "
+                             f"image embedding's {self.dim}, so one prototype cannot be compared with both; "
+                             "use guide_text_feature 'projected'")
 
     @property
     def device(self) -> torch.device:

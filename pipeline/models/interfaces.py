@@ -75,5 +75,5 @@ class GuideLike(Protocol):
         ...
 
     def encode_text(self, guide_text: torch.Tensor) -> torch.Tensor:
-        """(B, d_guide) projected CLIP text embeddings of the tokenised instruction."""
+        """(B, d_guide) CLIP text features of the tokenised instruction (pooled or projected, see ``model.guide_text_feature``)."""
         ...
