@@ -75,6 +75,7 @@ class MethodConfig:
 
 
 LR_SCHEDULES = ("constant", "cosine", "linear")  # transformers.get_scheduler names (warm-up added)
+WARMUP_TYPES = ("linear", "log")
 
 
 @dataclass
@@ -89,6 +90,7 @@ class TaskTrainConfig:
     lr_schedule: str | None = None
     warmup_ratio: float | None = None
     warmup_steps: int | None = None
+    warmup_type: str | None = None
     weight_decay: float | None = None
     max_steps: int | None = None
 
@@ -104,6 +106,7 @@ class StageTrain:
     lr_schedule: str
     warmup_ratio: float
     warmup_steps: int  # > 0 wins over warmup_ratio (as in transformers' TrainingArguments)
+    warmup_type: str  # "linear" | "log"
     weight_decay: float
     max_steps: int | None
 
@@ -116,6 +119,8 @@ class StageTrain:
     def describe(self, world: int) -> str:
         """One line for the dry run and the train stage's log."""
         warm = f"{self.warmup_steps} steps" if self.warmup_steps > 0 else f"ratio {self.warmup_ratio:g}"
+        if self.warmup_type != "linear":
+            warm += f" ({self.warmup_type})"
         steps = f", max_steps {self.max_steps}" if self.max_steps else ""
         return (f"epochs {self.epochs:g}, batch {self.batch_size} x accum {self.grad_accum} x {world} worker(s) "
                 f"= {self.batch_size * self.grad_accum * world} global, lr {self.lr:g} {self.lr_schedule}, "
@@ -137,10 +142,15 @@ class TrainConfig:
     lr_schedule: str = "constant"
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
+    # Shape of the warm-up: "linear" (transformers') or "log" (DeepSpeed's WarmupLR default,
+    # lr * log(step + 1) / log(warm-up steps); only with lr_schedule "constant"): what the
+    # ModalPrompt and CoIN reference scripts ran, their DeepSpeed JSON's scheduler overriding
+    # --lr_scheduler_type (docs/reproduce-llava7b.md).
+    warmup_type: str = "linear"
     weight_decay: float = 0.0
     max_steps: int | None = None
     # Per-task settings: {TaskName: {epochs, batch_size, grad_accum, lr, lr_schedule, warmup_ratio,
-    # warmup_steps, weight_decay, max_steps}}; keys left out take the values above. A joint
+    # warmup_steps, warmup_type, weight_decay, max_steps}}; keys left out take the values above. A joint
     # (multi-task) stage trains on all tasks at once and uses the values above only.
     per_task: dict[str, TaskTrainConfig] = field(default_factory=dict)
     num_workers: int = 1
@@ -255,6 +265,12 @@ class ExperimentConfig:
             if task not in self.tasks:
                 raise ConfigError(f"train.per_task.{task}: {task!r} is not one of the run's tasks {self.tasks}")
             _check_train_settings(over, f"train.per_task.{task}")
+        for task in [None, *self.tasks]:
+            st = self.stage_train(task)
+            if st.warmup_type == "log" and st.lr_schedule != "constant":
+                where = "train" if task is None else f"train.per_task.{task}"
+                raise ConfigError(f"{where}.warmup_type: 'log' (DeepSpeed's WarmupLR) goes with lr_schedule "
+                                  f"'constant', not {st.lr_schedule!r}")
         if self.eval.batch_size < 1 or self.eval.concurrency < 1:
             raise ConfigError("eval.batch_size and eval.concurrency must be >= 1")
         if not self.resources.decode_cpus > 0:
@@ -287,7 +303,7 @@ class ExperimentConfig:
         return StageTrain(
             epochs=pick("epochs"), batch_size=pick("batch_size"), grad_accum=pick("grad_accum"), lr=lr,
             lr_schedule=pick("lr_schedule"), warmup_ratio=pick("warmup_ratio"), warmup_steps=pick("warmup_steps"),
-            weight_decay=pick("weight_decay"), max_steps=pick("max_steps"),
+            warmup_type=pick("warmup_type"), weight_decay=pick("weight_decay"), max_steps=pick("max_steps"),
         )
 
     def fingerprint(self) -> str:
@@ -322,6 +338,8 @@ def _check_train_settings(t: TrainConfig | TaskTrainConfig, where: str) -> None:
         raise ConfigError(f"{where}.lr_schedule: {t.lr_schedule!r} is not one of {LR_SCHEDULES}")
     if t.warmup_ratio is not None and not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"{where}.warmup_ratio: must be in [0, 1) (got {t.warmup_ratio})")
+    if t.warmup_type is not None and t.warmup_type not in WARMUP_TYPES:
+        raise ConfigError(f"{where}.warmup_type: {t.warmup_type!r} is not one of {WARMUP_TYPES}")
     if t.warmup_steps is not None and t.warmup_steps < 0:
         raise ConfigError(f"{where}.warmup_steps: must be >= 0 (got {t.warmup_steps})")
     if t.weight_decay is not None and t.weight_decay < 0:

@@ -291,8 +291,9 @@ def total_micro_steps(settings: StageTrain, num_rows: int, world: int) -> int:
 
 def lr_schedule(settings: StageTrain, total_steps: int, start_step: int = 0) -> Callable | None:
     """DeepSpeed's ``lr_scheduler`` argument: a callable that builds transformers' schedule
-    (``get_scheduler``: linear warm-up, then constant / cosine / linear decay) on DeepSpeed's
-    optimizer, stepped by the engine at every optimizer step. None for a constant rate without
+    (``get_scheduler``: linear warm-up, then constant / cosine / linear decay), or DeepSpeed's
+    ``WarmupLR`` for a log-rate warm-up, on DeepSpeed's optimizer, stepped by the engine at every
+    optimizer step. None for a constant rate without
     warm-up (DeepSpeed then keeps the optimizer's rate, as before schedules existed).
 
     ``total_steps`` and ``start_step`` count micro-batches; the schedule runs over
@@ -306,9 +307,15 @@ def lr_schedule(settings: StageTrain, total_steps: int, start_step: int = 0) -> 
     done = start_step // settings.grad_accum
 
     def build(optimizer):
-        from transformers import get_scheduler
+        if settings.warmup_type == "log":  # DeepSpeed's WarmupLR: log-rate warm-up, then constant
+            from deepspeed.runtime.lr_schedules import WarmupLR
 
-        scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=optimizer_steps)
+            scheduler = WarmupLR(optimizer, warmup_min_lr=0.0, warmup_max_lr=settings.lr, warmup_num_steps=warmup,
+                                 warmup_type="log")
+        else:
+            from transformers import get_scheduler
+
+            scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=optimizer_steps)
         with warnings.catch_warnings():  # fast-forwarding before any optimizer.step is intended here
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
             for _ in range(done):

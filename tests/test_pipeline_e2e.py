@@ -250,8 +250,8 @@ def test_dry_run_of_the_real_7b_config_counts_parameters():
     assert "25-eval-OCRVQA" in proc.stdout
     # every task's own schedule (the reference scripts' global batches) and how inputs are prepared
     assert "Training per task:" in proc.stdout
-    assert ("GQA        epochs 10, batch 12 x accum 1 x 8 worker(s) = 96 global, lr 0.0002 cosine, "
-            "warm-up ratio 0.03") in proc.stdout
+    assert ("GQA        epochs 10, batch 12 x accum 1 x 8 worker(s) = 96 global, lr 0.0002 constant, "
+            "warm-up ratio 0.03 (log)") in proc.stdout
     assert "ImageNet   epochs 10, batch 32 x accum 1 x 8 worker(s) = 256 global" in proc.stdout
     assert ("Inputs: images padded to a square of RGB (122, 116, 104), then resized to 336; guide ViT-L-14-336 "
             "(QuickGELU on), text feature pooled") in proc.stdout

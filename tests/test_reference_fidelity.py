@@ -214,9 +214,22 @@ def test_warm_up_then_cosine_over_the_stages_optimizer_steps():
     assert lr_schedule(cfg.stage_train("ScienceQA"), 40) is None
 
 
+def test_log_warm_up_is_deepspeeds_warmup_lr():
+    """The reference's DeepSpeed JSON scheduler: WarmupLR, log-rate warm-up, then constant. The rate
+    of optimizer step n is lr * log(n - 1) / log(W) over W warm-up steps (DeepSpeed's own class
+    through its own step order: the first two steps run at 0), then lr."""
+    cfg = load_config(None, ["train.per_task={GQA: {lr: 1.0, warmup_steps: 5, warmup_type: log}}"])
+    lrs = _lrs(cfg.stage_train("GQA"), total_steps=10)
+    assert lrs == pytest.approx([0.0, 0.0] + [math.log(k) / math.log(5) for k in (2, 3, 4)] + [1.0] * 5)
+    assert _lrs(cfg.stage_train("GQA"), total_steps=10, start=4) == pytest.approx(lrs[4:])
+    with pytest.raises(ConfigError, match=r"train.per_task.GQA.warmup_type: 'log' .* not 'cosine'"):
+        load_config(None, ["train.per_task={GQA: {warmup_type: log, lr_schedule: cosine}}"])
+
+
 def test_the_7b_config_carries_the_reference_per_task_schedule():
-    """scripts/ModalPrompt/Train/*.sh: 10 epochs, 2e-4, cosine after 3% warm-up, no weight decay,
-    4 GPUs x per-device 32/32/64/24/64/16/24/48; the config's 8 workers keep those global batches."""
+    """scripts/ModalPrompt/Train/*.sh: 10 epochs, 2e-4, 3% warm-up (DeepSpeed's WarmupLR, which its
+    JSON config imposes over --lr_scheduler_type), no weight decay, 4 GPUs x per-device
+    32/32/64/24/64/16/24/48; the config's 8 workers keep those global batches."""
     from pipeline.config import CONFIG_DIR
 
     cfg = load_config(CONFIG_DIR / "coin_llava7b_modalprompt.yaml")
@@ -226,6 +239,7 @@ def test_the_7b_config_carries_the_reference_per_task_schedule():
     for task, per_device in reference.items():
         s = cfg.stage_train(task)
         assert s.batch_size * s.grad_accum * cfg.train.num_workers == 4 * per_device, task
-        assert (s.epochs, s.lr, s.lr_schedule, s.warmup_ratio, s.weight_decay) == (10, 2e-4, "cosine", 0.03, 0.0)
+        assert (s.epochs, s.lr, s.lr_schedule, s.warmup_ratio, s.warmup_type, s.weight_decay) == (
+            10, 2e-4, "constant", 0.03, "log", 0.0)
     assert cfg.model.pads_images and cfg.model.quick_gelu and cfg.model.guide_text_feature == "pooled"
     assert cfg.method.options["prompt_init"] == "vocab"
