@@ -2,7 +2,7 @@
 
 Paper: F. Zeng et al., "ModalPrompt: Dual-Modality Guided Prompt for Continual Learning of Large
 Multimodal Models" (arXiv:2410.05849), Sec. 3; public reference code: github.com/AuroraZengfh/ModalPrompt.
-What this module must do is specified in shared/docs/methods.md ("ModalPrompt").
+docs/reproduce-llava7b.md sets its settings side by side with the reference code's.
 
 Per task t (0-based here):
     X_p^t      (M, d_llm)   soft prompt tokens (an ``nn.Parameter``, not vocabulary rows, so
