@@ -257,9 +257,8 @@ class ExperimentConfig:
             raise ConfigError(f"data.source: {self.data.source!r} is not 'synth' or 'coin'")
         if self.data.on_bad not in ("error", "skip"):
             raise ConfigError(f"data.on_bad: {self.data.on_bad!r} is not 'error' or 'skip'")
-        for key in ("batch_size", "num_workers", "grad_accum"):
-            if getattr(self.train, key) < 1:
-                raise ConfigError(f"train.{key}: must be >= 1")
+        if self.train.num_workers < 1:
+            raise ConfigError("train.num_workers: must be >= 1")
         _check_train_settings(self.train, "train")
         for task, over in self.train.per_task.items():
             if task not in self.tasks:

@@ -286,14 +286,14 @@ class PipelineRun:
         self.log(f"resident Ray Train worker group {self._resident.name}: {len(self._resident_data)} train stage(s)")
 
     def _train(self, stage: dagmod.Stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
-        from stages.train import TrainJob, run_train_stage
+        from stages.train import TrainJob, run_train_stage, stage_settings
 
         cfg = self.cfg
         prev = None
         if self.schedule == "sequential" and stage.task_index > 0:
             prev = self.rundir.stage_dir(self._stage("freeze", stage.task_index - 1).id) / "method_state.safetensors"
         task_name = stage.tasks[0] if len(stage.tasks) == 1 else "joint"
-        settings = cfg.stage_train(task_name if self.schedule == "sequential" else None)
+        settings = stage_settings(cfg, task_name, self.schedule)
         if cfg.train.per_task or settings.lr_schedule != "constant" or settings.warmup_steps or settings.warmup_ratio:
             self.log(f"{stage.id}: {settings.describe(cfg.train.num_workers)}")
         self.tracker.log_params(run_id, {f"stage_train.{k}": str(v) for k, v in settings.to_dict().items()})

@@ -278,9 +278,9 @@ class TrainJob:
         return self.stage_dir.name
 
 
-def stage_settings(cfg: ExperimentConfig, job: TrainJob) -> StageTrain:
+def stage_settings(cfg: ExperimentConfig, task_name: str, schedule: str) -> StageTrain:
     """A sequential stage trains one task with that task's settings; a joint stage the global ones."""
-    return cfg.stage_train(job.task_name if job.schedule == "sequential" else None)
+    return cfg.stage_train(task_name if schedule == "sequential" else None)
 
 
 def total_micro_steps(settings: StageTrain, num_rows: int, world: int) -> int:
@@ -326,7 +326,7 @@ def lr_schedule(settings: StageTrain, total_steps: int, start_step: int = 0) -> 
 
 
 def _job_config(cfg: ExperimentConfig, job: TrainJob, base: BaseModels) -> dict[str, Any]:
-    settings = stage_settings(cfg, job)
+    settings = stage_settings(cfg, job.task_name, job.schedule)
     total = total_micro_steps(settings, job.num_rows, cfg.train.num_workers)
     with open(cfg.resolve_path(cfg.train.deepspeed)) as fh:
         ds_template = json.load(fh)

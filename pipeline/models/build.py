@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -196,22 +195,19 @@ def image_pad_color(cfg: ModelConfig, lmm_dir: str | None = None) -> tuple[int, 
     file is read), CLIP's where there is none."""
     if not cfg.pads_images:
         return None
-    mean: Any = CLIP_MEAN
     folder = lmm_dir or cfg.path
-    if folder and "${" not in folder:
-        from pipeline.data import storage
-
-        fs, root = storage.resolve(folder)
-        file = storage.join(root, "preprocessor_config.json")
-        if storage.exists(fs, file):
-            mean = storage.read_json(fs, file).get("image_mean", CLIP_MEAN)
+    mean, _ = _image_stats(folder) if folder and "${" not in folder else (CLIP_MEAN, CLIP_STD)
     return tuple(int(float(x) * 255) for x in mean)
 
 
-def _image_stats(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Vision normalisation from a llava-hf folder's preprocessor_config.json (CLIP's otherwise)."""
-    file = folder / "preprocessor_config.json"
-    if file.exists():
-        pre = json.loads(file.read_text())
-        return tuple(pre.get("image_mean", CLIP_MEAN)), tuple(pre.get("image_std", CLIP_STD))
-    return CLIP_MEAN, CLIP_STD
+def _image_stats(folder: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Vision normalisation from a llava-hf folder's preprocessor_config.json (local or s3://;
+    only that file is read), CLIP's where there is none."""
+    from pipeline.data import storage
+
+    fs, root = storage.resolve(str(folder))
+    file = storage.join(root, "preprocessor_config.json")
+    if not storage.exists(fs, file):
+        return CLIP_MEAN, CLIP_STD
+    pre = storage.read_json(fs, file)
+    return tuple(pre.get("image_mean", CLIP_MEAN)), tuple(pre.get("image_std", CLIP_STD))
