@@ -52,6 +52,19 @@ class SynthConfig:
 
 
 @dataclass
+class CustomTaskConfig:
+    """``data.custom_tasks.<Name>``: a user's own task, a LLaVA-format folder. ``train`` / ``test``
+    are JSON lists of records (train: ``id``, ``image``, ``conversations``; test: ``question_id``,
+    ``image``, ``text`` and the answer fields the scorer reads); paths are local, relative to the
+    repository root, or s3:// URLs."""
+
+    train: str = ""
+    test: str = ""
+    image_root: str = ""  # the folder the records' "image" paths are relative to
+    scorer: str = "exact"  # a name in pipeline.scoring.scorers.SCORERS (python pipeline/main.py score --help)
+
+
+@dataclass
 class DataConfig:
     source: str = "synth"  # "synth" (generated CoIN-synth) | "coin" (real CoIN files)
     # Folder or s3:// URL holding the instruction folders (coin) or where CoIN-synth is generated
@@ -63,6 +76,8 @@ class DataConfig:
     max_train_per_task: int | None = None  # optional cap (first N records), for quick runs
     max_test_per_task: int | None = None
     synth: SynthConfig = field(default_factory=SynthConfig)
+    # The user's own tasks, by name: any of them may appear in ``tasks`` beside the benchmark's.
+    custom_tasks: dict[str, CustomTaskConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,6 +87,9 @@ class MethodConfig:
     # Learning rate of this method's parameters; None = train.lr. (Prompt tuning wants a larger
     # rate than LoRA, so the ModalPrompt configs set it here and `--method lora` falls back.)
     lr: float | None = None
+    # Methods outside the repository: .py files or module names, imported before ``name`` is
+    # looked up (their @register lines run), in the driver and in every Ray worker.
+    plugins: list[str] = field(default_factory=list)
 
 
 LR_SCHEDULES = ("constant", "cosine", "linear")  # transformers.get_scheduler names (warm-up added)
@@ -248,9 +266,22 @@ class ExperimentConfig:
     def validate(self) -> None:
         if not self.tasks:
             raise ConfigError("tasks: the task list is empty")
-        unknown = [t for t in self.tasks if t not in COIN_TASKS]
+        for name, ct in self.data.custom_tasks.items():
+            where = f"data.custom_tasks.{name}"
+            if name in COIN_TASKS:
+                raise ConfigError(f"{where}: {name!r} is a CoIN task; give your task another name")
+            for key in ("train", "test", "image_root"):
+                if not getattr(ct, key):
+                    raise ConfigError(f"{where}.{key}: not set")
+            from pipeline.scoring.scorers import SCORERS
+
+            if ct.scorer not in SCORERS:
+                raise ConfigError(f"{where}.scorer: unknown scorer {ct.scorer!r}; known: {sorted(SCORERS)}")
+        known = [*COIN_TASKS, *self.data.custom_tasks]
+        unknown = [t for t in self.tasks if t not in known]
         if unknown:
-            raise ConfigError(f"tasks: unknown task(s) {unknown}; known: {list(COIN_TASKS)}")
+            raise ConfigError(f"tasks: unknown task(s) {unknown}; known: {known} "
+                              "(a task of your own: data.custom_tasks.<Name>)")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"tasks: duplicate task names in {self.tasks}")
         if self.data.source not in ("synth", "coin"):
@@ -274,8 +305,12 @@ class ExperimentConfig:
             raise ConfigError("eval.batch_size and eval.concurrency must be >= 1")
         if not self.resources.decode_cpus > 0:
             raise ConfigError("resources.decode_cpus: must be > 0")
-        from pipeline.methods.base import validate_method_options
+        from pipeline.methods.registry import load_plugins, validate_method_options
 
+        try:
+            load_plugins([self.resolve_path(p) if p.endswith(".py") else p for p in self.method.plugins])
+        except (ImportError, FileNotFoundError, SyntaxError) as exc:
+            raise ConfigError(f"method.plugins: {type(exc).__name__}: {exc}") from None
         try:  # a misspelt option fails here, not minutes later on a training worker
             validate_method_options(self.method.name, self.method.options)
         except KeyError as exc:
@@ -310,15 +345,59 @@ class ExperimentConfig:
 
         Sections that cannot change a run's outputs (where it is tracked, how many CPUs the local
         Ray gets, the sweep settings) are left out, so changing them does not orphan a run."""
-        run = {k: v for k, v in self.to_dict().items() if k not in ("tracking", "resources", "tune")}
-        blob = json.dumps(run, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:10]
+        return _hash(_run_view(self.to_dict()))
+
+    def extension_view(self, tasks: list[str]) -> str:
+        """The fingerprint this config would have with only ``tasks`` (a prefix of its own): a run
+        directory of that config may be extended by this one (``RunDir.open``)."""
+        return _hash(_run_view(_cut_to(self.to_dict(), tasks)))
+
+    def task_specs(self) -> tuple:
+        """The user's own tasks as ``pipeline.tasks.TaskSpec`` (paths resolved)."""
+        from pipeline.tasks import TaskSpec
+
+        return tuple(TaskSpec(name, self.resolve_path(ct.train), self.resolve_path(ct.test), ct.scorer,
+                              self.resolve_path(ct.image_root))
+                     for name, ct in self.data.custom_tasks.items())
+
+    def scorer_of(self, task: str) -> str:
+        from pipeline.tasks import task_table
+
+        return task_table(self.task_specs())[task].scorer
 
     def resolve_path(self, path: str) -> str:
         """Paths in configs are relative to the repository root unless absolute or URLs."""
         if "://" in path or Path(path).is_absolute():
             return path
         return str(REPO_ROOT / path)
+
+
+def _run_view(raw: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a run: sections that cannot change its outputs (where it is tracked, how
+    many CPUs the local Ray gets, the sweep settings) left out, and empty new-style sections
+    (plugins, custom tasks) too, so a run directory made before they existed still matches."""
+    run = {k: v for k, v in raw.items() if k not in ("tracking", "resources", "tune")}
+    run = json.loads(json.dumps(run, default=str))
+    if not run.get("method", {}).get("plugins"):
+        run.get("method", {}).pop("plugins", None)
+    if not run.get("data", {}).get("custom_tasks"):
+        run.get("data", {}).pop("custom_tasks", None)
+    return run
+
+
+def _hash(run: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _cut_to(raw: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
+    """``raw`` (a config dict) as if it listed only ``tasks``: later tasks' own sections dropped."""
+    raw = json.loads(json.dumps(raw, default=str))
+    raw["tasks"] = list(tasks)
+    per_task = raw.get("train", {}).get("per_task") or {}
+    raw["train"]["per_task"] = {k: v for k, v in per_task.items() if k in tasks}
+    custom = raw.get("data", {}).get("custom_tasks") or {}
+    raw["data"]["custom_tasks"] = {k: v for k, v in custom.items() if k in tasks}
+    return raw
 
 
 def _check_train_settings(t: TrainConfig | TaskTrainConfig, where: str) -> None:

@@ -30,10 +30,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="shortcut for method.name=NAME")
     p.add_argument("--output", help="run directory (default: runs/<name>-<config hash>)")
     p.add_argument("--dry-run", action="store_true", help="print the stage DAG and parameter counts; run nothing")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own logs on the terminal (they are always in <run dir>/run.log)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=1e-3 method.options.k=2")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(tune_help: bool = False) -> argparse.ArgumentParser:
+    """``tune_help``: build the tune command's help text, which loads the method registry (only for
+    ``tune --help``: every other command starts without importing the methods)."""
     from pipeline.data.cli import add_subcommands
 
     parser = argparse.ArgumentParser(prog="python pipeline/main.py", description=__doc__.split("\n\n")[0])
@@ -41,12 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an experiment's stage DAG (the default command)")
     _add_run_args(run)
     run.set_defaults(func=cmd_run)
-    tune = sub.add_parser("tune", help="Ray Tune sweep over method options (k, M, temperature)")
+    tune = sub.add_parser("tune", help="Ray Tune sweep over a method's options (its own default space, or tune.space)",
+                          epilog=_tune_epilog() if tune_help else None, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_args(tune)
     tune.add_argument("--resume", action="store_true", help="resume an interrupted sweep in --output")
     tune.set_defaults(func=cmd_tune)
     add_subcommands(sub)
     return parser
+
+
+def _tune_epilog() -> str:
+    try:
+        from stages.tune.cli import tune_help_epilog
+    except ImportError:  # the tune package being absent must not break the other commands' --help
+        return ""
+    return tune_help_epilog()
 
 
 def load_experiment(args: argparse.Namespace):
@@ -59,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stages.runner import PipelineRun, format_results
 
     cfg = load_experiment(args)
-    run = PipelineRun(cfg, Path(args.output) if args.output else None)
+    run = PipelineRun(cfg, Path(args.output) if args.output else None, verbose=args.verbose)
     if args.dry_run:
         from stages.dryrun import dry_run_report
 
@@ -82,7 +95,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """argparse stops collecting positionals at the first option, so ``... train.lr=1e-3 --method
     lora epochs=2`` would reject ``epochs=2``: key=value words anywhere on a run or tune command
     line are overrides, in the order given."""
-    parser = build_parser()
+    parser = build_parser(tune_help=bool(argv) and argv[0] == "tune" and ("-h" in argv or "--help" in argv))
     args, extra = parser.parse_known_args(argv)
     extra = [e for e in extra if e != "--"]
     if extra:

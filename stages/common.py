@@ -34,6 +34,7 @@ def data_source(cfg: ExperimentConfig) -> CoinSource:
         return CoinSource(
             instructions_root=str(Path(root) / cfg.data.instructions),
             image_root=cfg.data.image_root or str(Path(root) / "images"),
+            custom=cfg.task_specs(),
         )
     if not cfg.data.root:
         raise ConfigError("data.root: not set; data.source 'coin' needs the folder or s3:// URL holding "
@@ -45,6 +46,7 @@ def data_source(cfg: ExperimentConfig) -> CoinSource:
     return CoinSource(
         instructions_root=f"{root}{sep}{cfg.data.instructions}",
         image_root=cfg.data.image_root or root,
+        custom=cfg.task_specs(),
     )
 
 
@@ -73,7 +75,7 @@ def load_models(cfg: ExperimentConfig, base: BaseModels, device: str = "cpu"):
 
 
 def build_method_for(cfg: ExperimentConfig, lmm, guide):
-    from pipeline.methods.base import build_method
+    from pipeline.methods.registry import build_method
 
     return build_method(cfg.method.name, dict(cfg.method.options), lmm, guide)
 

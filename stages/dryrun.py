@@ -11,7 +11,7 @@ from stages.dag import describe_dag
 
 def count_method(cfg: ExperimentConfig, name: str, options: dict[str, Any]) -> dict[str, Any]:
     """Totals for one method after ``begin_task(0)`` (one task's parameters, as the papers count)."""
-    from pipeline.methods.base import build_method
+    from pipeline.methods.registry import build_method
     from pipeline.models import build_guide, build_lmm, count_parameters
 
     lmm = build_lmm(cfg.model, meta=True)
@@ -51,7 +51,7 @@ def input_line(cfg: ExperimentConfig) -> str:
 
 
 def dry_run_report(cfg: ExperimentConfig, run) -> str:
-    from pipeline.methods.base import registered_methods
+    from pipeline.methods.registry import registered_methods
 
     lines = [
         f"experiment {cfg.name!r}: method {cfg.method.name} (schedule: {run.schedule}), "

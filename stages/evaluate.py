@@ -17,8 +17,10 @@ import numpy as np
 import ray
 
 from pipeline.config import config_from_dict
-from pipeline.data.scorers import score_task
+from pipeline.scoring.scorers import score_task
+from stages.artifacts import PREDICTIONS_DIR, SCORES_FILE
 from stages.common import BaseModels, build_method_for, load_models, load_state
+from stages.datasets import read_dataset
 
 
 class Predictor:
@@ -100,7 +102,7 @@ def run_evaluate_stage(
     by_task: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}
     for r in rows:
         by_task[r["task"]].append(r)
-    pred_dir = stage_dir / "predictions"
+    pred_dir = stage_dir / PREDICTIONS_DIR
     pred_dir.mkdir(parents=True, exist_ok=True)
     scores, details = {}, {}
     for task in tasks:
@@ -118,10 +120,53 @@ def run_evaluate_stage(
                     "question_id": r["id"], "text": r["prediction"],
                     "selected": json.loads(r["selected"]), "scores": json.loads(r["scores"]),
                 }) + "\n")
-        result = score_task(task, test_rows[task], {str(r["id"]): r["prediction"] for r in got})
+        result = score_task(task, test_rows[task], {str(r["id"]): r["prediction"] for r in got},
+                            scorer=cfg.scorer_of(task))
         scores[task] = result.score
         details[task] = {"score": result.score, "count": result.count, "unparseable": result.unparseable}
     out = {"scores": scores, "details": details, "inference_s": infer_s, "predictions": len(rows),
            "infer_loop_s": float(sum(r["infer_s"] for r in rows))}
-    (stage_dir / "scores.json").write_text(json.dumps(out, indent=2, sort_keys=True))
+    (stage_dir / SCORES_FILE).write_text(json.dumps(out, indent=2, sort_keys=True))
     return out
+
+
+def test_data(ctx, task: str):
+    """One task's test split as a Ray Dataset (its rows kept in ``ctx.test_rows`` for scoring)."""
+    cfg = ctx.cfg
+    ds, res = read_dataset(ctx.source, task, "test", image_size=cfg.model.image_size,
+                           decode_num_cpus=cfg.resources.decode_cpus, pad_color=ctx.pad_color())
+    rows = res.rows
+    if cfg.data.max_test_per_task:
+        ds, rows = ds.limit(cfg.data.max_test_per_task), rows[: cfg.data.max_test_per_task]
+    ctx.test_rows[task] = rows
+    return ds
+
+
+def run(ctx, stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
+    from pipeline.methods.registry import method_class
+
+    datasets = {task: test_data(ctx, task) for task in stage.tasks}
+    state = ctx.state_of(ctx.schedule.eval_state(stage, ctx.stages))
+    out = run_evaluate_stage(ctx.cfg, stage_dir=stage_dir, tasks=stage.tasks, datasets=datasets,
+                             test_rows=ctx.test_rows, base=ctx.base, state=state)
+    ctx.tracker.log_artifact(run_id, stage_dir / PREDICTIONS_DIR, "predictions")
+    ctx.tracker.log_artifact(run_id, stage_dir / SCORES_FILE)
+    ctx.tracker.log_metrics(run_id, {f"acc/{t}": s for t, s in out["scores"].items()})
+    result = {"scores": out["scores"], "inference_s": out["inference_s"], "predictions": out["predictions"],
+              "infer_loop_s": out.get("infer_loop_s")}
+    # the method's own view of this evaluation (ModalPrompt: which prompt sets were selected)
+    records = {t: [json.loads(x) for x in (stage_dir / PREDICTIONS_DIR / f"{t}.jsonl").read_text().splitlines()]
+               for t in stage.tasks}
+    learned = list(ctx.cfg.tasks[: stage.task_index + 1]) if ctx.schedule.is_continual() else list(ctx.cfg.tasks)
+    diag = method_class(ctx.cfg.method.name).diagnostics(records, learned, stage_dir)
+    if diag is not None:
+        for f in diag.files:
+            ctx.tracker.log_artifact(run_id, f, "figures")
+        ctx.log_numbers(run_id, diag.summary)
+        result["diagnostics"] = {"summary": diag.summary, "files": [str(Path(f).name) for f in diag.files],
+                                 "lines": diag.lines}
+    return result
+
+
+def done(ctx, stage, marker: dict[str, Any], skipped: bool) -> None:
+    ctx.results.evaluated(stage, marker["result"], skipped)

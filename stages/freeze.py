@@ -16,8 +16,7 @@ import torch
 from stages.common import load_state, save_state
 from stages.rundir import sha256_file
 
-STATE_FILE = "method_state.safetensors"
-MANIFEST_FILE = "manifest.json"
+from stages.artifacts import MANIFEST_FILE, META_FILE, STATE_FILE
 
 
 class FreezeInvariantError(RuntimeError):
@@ -81,3 +80,19 @@ def run_freeze_stage(
     }
     (stage_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return {"tensors": len(hashes), "params": manifest["num_params"], "frozen_checked": checked}
+
+
+def run(ctx, stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
+    train_dir = ctx.rundir.stage_dir(next(s for s in ctx.stages if s.kind == "train"
+                                          and s.task_index == stage.task_index).id)
+    earlier = {s.task_index: ctx.rundir.stage_dir(s.id) / MANIFEST_FILE
+               for s in ctx.stages if s.kind == "freeze" and s.task_index < stage.task_index}
+    result = run_freeze_stage(
+        stage_dir, trained_state=train_dir / STATE_FILE,
+        train_meta=json.loads((train_dir / META_FILE).read_text()),
+        task_index=stage.task_index, task_name=stage.task_name, earlier_manifests=earlier,
+    )
+    ctx.tracker.log_artifact(run_id, stage_dir / STATE_FILE, "state")
+    ctx.tracker.log_artifact(run_id, stage_dir / MANIFEST_FILE, "state")
+    ctx.log_numbers(run_id, result)
+    return result

@@ -84,14 +84,23 @@ class RunDir:
 
     @classmethod
     def open(cls, root: Path, *, name: str, fingerprint: str, config: dict[str, Any], repo: Path,
-             log: Callable[[str], None] = print, lock_wait_s: float = 10.0) -> "RunDir":
+             log: Callable[[str], None] = print, lock_wait_s: float = 10.0,
+             extends: Callable[[list[str]], str] | None = None) -> "RunDir":
         """``lock_wait_s``: how long to wait for ``run.lock`` of a run of the same config (a
-        driver or sweep trial that was just stopped may take a moment to exit)."""
+        driver or sweep trial that was just stopped may take a moment to exit).
+
+        ``extends(tasks)``: this config's fingerprint cut to ``tasks`` (``ExperimentConfig.
+        extension_view``). A directory holding a run of this same config with fewer tasks (its
+        task list a prefix of this one's) is extended: its finished stages are kept, the stages
+        of the new tasks run (and the data check again, over every task)."""
         rd = cls(root)
         meta_path = rd.root / "run.json"
         if meta_path.exists():
             locked = rd._lock()
             meta = json.loads(meta_path.read_text())
+            if meta.get("fingerprint") != fingerprint and extends is not None and rd._extend(
+                    meta, fingerprint, config, extends, locked, log):
+                meta = json.loads(meta_path.read_text())
             if meta.get("fingerprint") == fingerprint:
                 deadline = time.time() + lock_wait_s
                 while not locked and time.time() < deadline:
@@ -129,6 +138,36 @@ class RunDir:
             {"name": name, "fingerprint": fingerprint, "created": time.time(), "git_commit": git_commit(repo)},
         )
         return rd
+
+    def _extend(self, meta: dict[str, Any], fingerprint: str, config: dict[str, Any],
+                extends: Callable[[list[str]], str], locked: bool, log: Callable[[str], None]) -> bool:
+        """Make this directory's run (fewer tasks, same config otherwise) the run of ``config``."""
+        old_cfg_file = self.root / "config.yaml"
+        if not old_cfg_file.exists():
+            return False
+        old_tasks = list((yaml.safe_load(old_cfg_file.read_text()) or {}).get("tasks") or [])
+        new_tasks = list(config.get("tasks") or [])
+        if not old_tasks or len(new_tasks) <= len(old_tasks) or new_tasks[: len(old_tasks)] != old_tasks:
+            return False
+        if extends(old_tasks) != meta.get("fingerprint"):
+            return False
+        if not locked:
+            raise RunDirError(f"{self.root}: this run is in progress in another process (it holds "
+                              f"{self.root / self.LOCK}); wait for it to end before extending it")
+        n = len(meta.get("extensions", [])) + 1
+        data = self.stage_dir("00-data")
+        if data.exists():  # the data check runs again, over every task
+            data.rename(data.with_name(f"00-data.before-extension-{n}"))
+        old_cfg_file.rename(self.root / f"config.before-extension-{n}.yaml")
+        old_cfg_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        meta = {**meta, "fingerprint": fingerprint, "extensions": [
+            *meta.get("extensions", []),
+            {"from_fingerprint": meta.get("fingerprint"), "from_tasks": old_tasks, "to_tasks": new_tasks,
+             "at": time.time()}]}
+        write_json_atomic(self.root / "run.json", meta)
+        log(f"run directory {self.root}: extending a finished run of {len(old_tasks)} task(s) with "
+            f"{', '.join(new_tasks[len(old_tasks):])}; its finished stages are kept")
+        return True
 
     def finished_stages(self) -> list[str]:
         """Stages with a completion marker (verified or not: a damaged one still counts)."""

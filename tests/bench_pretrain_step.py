@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.models.pretrain import _batches, _template_texts
     from pipeline.models.tokenizer import build_tokenizer
     from stages.common import synth_root
-    from stages.prepare import pretrain_rows
+    from stages.base import pretrain_rows
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4)

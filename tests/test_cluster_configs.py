@@ -8,7 +8,6 @@ import copy
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -128,12 +128,6 @@ _TRAIN_SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_deepspeed_configs_train_on_cpu(tmp_path):
     paths = []
     for name in DS_STAGES:
@@ -141,7 +135,7 @@ def test_deepspeed_configs_train_on_cpu(tmp_path):
         paths.append(tmp_path / name)
         paths[-1].write_text(json.dumps(cfg))
     env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+               MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, *map(str, paths)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)

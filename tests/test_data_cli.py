@@ -11,8 +11,7 @@ import pytest
 
 from pipeline.data.cli import add_subcommands
 from tests.s3_server import FAKE_SECRET, s3_env, s3_server, upload_tree  # noqa: F401 (fixtures)
-from tests.test_data_reader import FILES, GOOD, write_coin_layout
-from tests.test_metrics import MODALPROMPT_T10
+from tests.helpers import FILES, GOOD, MODALPROMPT_T10, write_coin_layout
 
 TASKS = ["ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCRVQA"]
 

@@ -11,70 +11,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline.data.coin import (
     CoinSource,
     DataError,
     iter_decoded,
     load_records,
-    read_dataset,
     strip_image_token,
 )
 from pipeline.data.schema import ROW_COLUMNS
-
-COLORS = {"sqa/1.png": (255, 0, 0), "sqa/2.png": (0, 255, 0), "sqa/3.png": (0, 0, 255),
-          "text/a.png": (10, 20, 30), "text/b.png": (200, 100, 50), "ref/g.png": (7, 77, 177)}
-
-TEN = ["nike"] * 7 + ["nike shoes"] * 3
-
-FILES: dict[str, Any] = {
-    "ScienceQA/train.json": [
-        {"id": "sqa-1", "image": "sqa/1.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhich color?\nA. red\nB. blue\nAnswer with the option's letter from the given choices directly."},
-            {"from": "gpt", "value": "A"}]},
-        {"id": "sqa-2", "image": "sqa/2.png", "conversations": [
-            {"from": "human", "value": "What is shown?\n<image>"},
-            {"from": "gpt", "value": "A leaf."},
-            {"from": "human", "value": "And its color?"},
-            {"from": "gpt", "value": "Green."}]},
-    ],
-    "ScienceQA/test.json": [
-        {"question_id": "q1", "image": "sqa/3.png", "text": "<image>\nWhich is blue?\nA. sky\nB. grass", "answer": "A"},
-        {"question_id": 2, "image": "sqa/1.png", "text": "Which is red?\nA. sky\nB. apple", "answer": "B"},
-    ],
-    "TextVQA/train.json": [
-        {"id": "t-1", "image": "text/a.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat brand?\nAnswer the question using a single word or phrase."},
-            {"from": "gpt", "value": "nike"}]},
-    ],
-    "TextVQA/val.json": [
-        {"question_id": 101, "image": "text/b.png", "text": "What brand?", "answer": "nike", "answers": TEN},
-        {"question_id": 102, "image": "text/a.png", "text": "What number?", "answer": "7"},
-    ],
-    "Grounding/train.json": [
-        {"id": "g-1", "image": "ref/g.png", "conversations": [
-            {"from": "human", "value": "<image>\nPlease provide the bounding box coordinate of the region this sentence describes: left dog."},
-            {"from": "gpt", "value": "[0.1, 0.2, 0.5, 0.9]"}]},
-    ],
-    "Grounding/test.json": [
-        {"question_id": "r1", "image": "ref/g.png", "text": "<image>\nPlease provide the bounding box coordinate of the region this sentence describes: cat.",
-         "answer_bbox": "[0.123, 0.2, 0.5, 0.987]", "size": [16, 12]},
-    ],
-}
-
-
-def write_coin_layout(root: Path, files: dict[str, Any] | None = None) -> CoinSource:
-    """Write instruction files and solid-colour 16x12 PNGs under ``root``; return the source."""
-    instructions, images = root / "Instructions_Original", root / "images"
-    for rel, color in COLORS.items():
-        (images / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (16, 12), color).save(images / rel)
-    for rel, records in (FILES if files is None else files).items():
-        (instructions / rel).parent.mkdir(parents=True, exist_ok=True)
-        (instructions / rel).write_text(json.dumps(records) if not isinstance(records, str) else records)
-    return CoinSource(str(instructions), str(images))
-
+from stages.datasets import read_dataset
+from tests.helpers import COLORS, GOOD, TEN, write_coin_layout
 
 @pytest.fixture
 def layout(tmp_path: Path) -> CoinSource:
@@ -129,7 +76,6 @@ def _train(records: list) -> dict[str, Any]:
     return {"ScienceQA/train.json": records}
 
 
-GOOD = {"id": "ok", "image": "sqa/1.png", "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]}
 
 
 def _with(**changes: Any) -> dict:

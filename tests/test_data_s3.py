@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from pipeline.data import storage
-from pipeline.data.coin import CoinSource, DataError, iter_decoded, load_records, read_dataset
+from pipeline.data.coin import CoinSource, DataError, iter_decoded, load_records
+from stages.datasets import read_dataset
 from tests.s3_server import FAKE_SECRET, s3_env, s3_server, upload_tree  # noqa: F401 (fixtures)
-from tests.test_data_reader import FILES, write_coin_layout
+from tests.helpers import FILES, write_coin_layout
 
 SPLITS = [(task_file.split("/")[0], "train" if task_file.endswith("train.json") else "test") for task_file in FILES]
 

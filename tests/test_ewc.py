@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.methods.base import build_method, finish_task
-from tests.test_methods_contract import _train, batch_for, tiny_models
+from pipeline.methods.protocol import finish_task
+from pipeline.methods.registry import build_method
+from tests.helpers import batch_for, tiny_models
+from tests.helpers import train_toy as _train
 
 
 def _ewc(**options):

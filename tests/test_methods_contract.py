@@ -11,124 +11,19 @@ Methods with schedule "none" are checked for having nothing to train instead.
 
 from __future__ import annotations
 
-import functools
-import zlib
-from typing import Any
-
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.methods.base import (
-    ContinualMethod,
-    GradAccess,
-    adjust_gradients,
-    build_method,
-    finish_task,
-    registered_methods,
-)
+from pipeline.methods.protocol import ContinualMethod, finish_task
+from pipeline.methods.registry import build_method, registered_methods
+from tests.helpers import batch_for, tiny_models, train_toy
 
 METHODS = registered_methods()
 MAX_NEW = 3
 STEPS = 30  # optimizer steps per task in the toy run
 
-# ---------------------------------------------------------------------------------------------
-# Tiny random-init base models and toy data, shared with tests/test_modalprompt.py
-# ---------------------------------------------------------------------------------------------
-
-# Two toy "tasks": different questions, images and (constant) answers, so that a method that
-# learns one can be seen to learn the other.
-TOY_TASKS: dict[str, tuple[str, str]] = {
-    "task_a": ("what colour is the picture ?", "red"),
-    "task_b": ("how many stripes are there ?", "three"),
-    "task_c": ("is there a cat in the image ?", "yes"),
-}
-IMAGE_SIZE = 16
-
-
-def tiny_config():
-    """A few-thousand-parameter LLaVA + CLIP; everything read downstream comes from the model."""
-    from pipeline.models import ModelConfig, TinySpec
-
-    spec = TinySpec(
-        vision_layers=1, vision_hidden=32, vision_heads=2, vision_intermediate=64, patch_size=8,
-        lm_layers=2, lm_hidden=32, lm_heads=2, lm_intermediate=64, max_position_embeddings=128,
-        guide_embed_dim=32, guide_vision_width=48, guide_vision_layers=1, guide_vision_head_width=16,
-        guide_patch_size=8, guide_text_width=32, guide_text_layers=1, guide_text_heads=2,
-        guide_context_length=16,
-    )
-    return ModelConfig(kind="tiny", image_size=IMAGE_SIZE, max_length=64, max_new_tokens=4, tiny=spec)
-
-
-def tiny_models(seed: int = 0, fresh_guide: bool = False) -> tuple[Any, Any]:
-    """(LMM, Guide) with random weights; the same seed gives bit-identical weights.
-
-    The LMM is always built anew (LoRA injects into it). The guide is frozen and no method
-    writes to it, so it is shared per seed unless ``fresh_guide`` (it costs a build per test).
-    """
-    from pipeline.models import build_lmm
-    from pipeline.models.tokenizer import build_tokenizer
-
-    torch.manual_seed(seed)
-    texts = [f"{q} {a}" for q, a in TOY_TASKS.values()]
-    lmm = build_lmm(tiny_config(), tokenizer=build_tokenizer(texts))
-    with torch.no_grad():
-        # Random init (std 0.02) caps the logit gaps a frozen head can produce at ~0.6, so no
-        # method could fit anything; a larger head lets the toy run show learning.
-        lmm.model.get_output_embeddings().weight.mul_(10.0)
-    guide = _build_guide(seed) if fresh_guide else _shared_guide(seed)
-    return lmm, guide
-
-
-def _build_guide(seed: int) -> Any:
-    from pipeline.models import build_guide
-
-    torch.manual_seed(seed + 1)
-    return build_guide(tiny_config())
-
-
-@functools.lru_cache(maxsize=None)
-def _shared_guide(seed: int) -> Any:
-    return _build_guide(seed)
-
-
-def toy_rows(task: str, n: int = 4, split: str = "train") -> list[dict[str, Any]]:
-    """``n`` schema rows of a toy task (fixed per task name: same images on every call)."""
-    question, answer = TOY_TASKS[task]
-    rng = np.random.default_rng(zlib.crc32(task.encode()))
-    return [
-        {
-            "task": task, "split": split, "id": f"{task}-{i}", "index": i, "image_path": "",
-            "image": rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
-            "human_turns": [question], "gpt_turns": [answer] if split == "train" else [],
-            "instruction": question, "answer": answer if split == "test" else "",
-            "answers": [], "answer_bbox": "", "size": [],
-        }
-        for i in range(n)
-    ]
-
-
-def batch_for(lmm: Any, task: str, train: bool = True, n: int = 4) -> dict[str, Any]:
-    """Collated batch of one toy task, or of the union of task_a and task_b (``"union"``)."""
-    from pipeline.models.lmm import rows_to_batch
-
-    split = "train" if train else "test"
-    names = ["task_a", "task_b"] if task == "union" else [task]
-    rows = [row for name in names for row in toy_rows(name, n, split)]
-    return lmm.collate(rows_to_batch(rows), train=train)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core box run far faster on one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-# ---------------------------------------------------------------------------------------------
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(name: str, seed: int = 0) -> tuple[ContinualMethod, object, object]:
@@ -137,27 +32,10 @@ def _build(name: str, seed: int = 0) -> tuple[ContinualMethod, object, object]:
     return build_method(name, {}, lmm, guide), lmm, guide
 
 
-# The toy loop's rate, per method where 1e-2 does not suit it. EWC's penalty at its default
-# lambda (1e5) is stiff: at 1e-2 Adam overshoots on task 1 and the loss oscillates (measured
-# 1.94 -> 84.9 -> ... -> 2.08 after 30 steps on one CPU, lower on another); at 2e-3, the rate the
-# default config trains LoRA and EWC with (train.lr), it descends steadily (3.30 -> 0.52).
-TOY_LR = {"ewc": 2e-3}
-
-
 def _train(method: ContinualMethod, batch: dict, steps: int, lr: float | None = None) -> list[float]:
-    """Plain AdamW loop on one fixed batch, with the optional gradient hook as the train stage
-    calls it; returns the losses seen."""
-    lr = TOY_LR.get(method.name, 1e-2) if lr is None else lr
-    opt = torch.optim.AdamW(method.trainable_parameters(), lr=lr, weight_decay=0.0)
-    losses = []
-    for _ in range(steps):
-        loss = method(batch)
-        opt.zero_grad()
-        loss.backward()
-        adjust_gradients(method, GradAccess())
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    """The train stage's loop (``pipeline.training.run_steps``, AdamW) on one fixed batch, with
+    the optional gradient hook where the train stage calls it; returns the losses seen."""
+    return train_toy(method, batch, steps, lr)
 
 
 def _end(method: ContinualMethod, t: int, batch: dict) -> None:

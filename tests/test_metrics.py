@@ -9,79 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.data import metrics as M
+from pipeline.scoring import metrics as M
+from tests.helpers import MODALPROMPT_T10, tri
 
 TOL = 0.02
 
 
-def tri(text: str) -> list[list[float]]:
-    """Parse a whitespace-separated lower-triangular matrix, one row per line."""
-    return [[float(x) for x in line.split()] for line in text.strip().splitlines()]
-
-
-# ModalPrompt paper, Table 10 / Table 11. Columns: ScienceQA TextVQA ImageNet GQA VizWiz REC VQAv2 OCRVQA.
-MODALPROMPT_T10 = {
-    "Finetune": tri("""
-        82.45
-        38.15 50.14
-        0.96 0.58 96.03
-        13.91 15.78 5.67 55.65
-        8.46 25.17 4.60 38.12 51.42
-        0.00 0.00 0.00 0.27 0.00 34.00
-        9.10 27.58 6.62 43.92 19.10 0.03 59.17
-        26.00 25.38 28.51 33.07 26.52 0.10 40.00 52.92
-    """),
-    "MoELoRA": tri("""
-        75.78
-        34.47 51.80
-        22.61 0.04 79.60
-        32.37 34.04 42.48 57.95
-        45.32 38.13 2.63 43.80 58.70
-        58.76 9.08 5.64 31.87 11.45 36.77
-        33.01 48.42 10.61 49.78 32.23 1.75 64.58
-        47.34 32.91 38.73 37.15 42.48 0.97 42.77 57.50
-    """),
-    "ModalPrompt": tri("""
-        77.05
-        70.50 58.50
-        68.57 58.18 42.26
-        68.82 56.08 43.43 62.17
-        67.48 55.05 37.60 61.81 48.81
-        66.58 55.68 35.92 61.95 48.74 36.88
-        68.12 56.43 40.22 60.92 51.19 36.63 64.99
-        68.42 56.40 41.13 61.11 50.13 36.69 66.90 59.68
-    """),
-    "L2P": tri("""
-        72.83
-        68.07 57.16
-        32.05 26.73 39.43
-        47.53 46.02 18.03 60.47
-        65.94 37.68 1.72 56.29 47.90
-        5.74 42.96 33.92 39.44 39.64 1.87
-        32.57 48.65 7.41 47.32 34.52 8.17 59.40
-        54.42 46.04 30.36 57.09 42.19 9.38 50.45 54.03
-    """),
-    "DualPrompt": tri("""
-        67.16
-        52.20 53.12
-        28.49 24.77 46.40
-        49.70 47.94 12.06 55.10
-        57.88 51.17 21.34 48.03 51.62
-        18.27 39.64 29.77 44.06 35.97 30.82
-        36.77 49.85 22.48 27.96 41.08 13.51 61.27
-        56.40 47.12 34.96 42.03 44.14 12.01 54.43 53.36
-    """),
-    "CODA-Prompt": tri("""
-        70.26
-        58.72 57.05
-        36.96 34.95 30.26
-        50.78 53.52 10.12 59.35
-        55.37 47.21 6.78 56.43 48.01
-        33.56 47.67 32.07 44.62 43.39 34.42
-        48.34 49.54 20.72 47.72 35.73 13.03 60.87
-        58.15 50.16 24.04 54.33 48.94 17.83 55.86 54.42
-    """),
-}
 
 # ModalPrompt paper, Table 2: (Last, Avg) and the per-task Avg_i row.
 TABLE2 = {
@@ -303,7 +236,7 @@ def test_data_modules_do_not_import_ray() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, pipeline.data.metrics, pipeline.data.scorers, pipeline.data.coin, "
+    code = ("import sys, pipeline.scoring.metrics, pipeline.scoring.scorers, pipeline.data.coin, "
             "pipeline.data.check, pipeline.data.cli; print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))

@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.methods.base import build_method
+from pipeline.methods.registry import build_method
 from pipeline.methods.modalprompt import ModalPrompt, select_sets
-from tests.test_methods_contract import _one_thread, batch_for, tiny_models, toy_rows  # noqa: F401
+from tests.helpers import batch_for, tiny_models, toy_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 M = 4  # short prompts keep the tiny runs fast; the default is 10
 

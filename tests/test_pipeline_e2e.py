@@ -208,7 +208,7 @@ def test_ewc_consolidates_in_the_train_stage_and_each_task_keeps_its_fisher(tmp_
 
 
 def test_bad_coin_records_stop_the_run_with_one_line_naming_file_record_and_field(tmp_path):
-    from tests.test_data_reader import FILES, write_coin_layout
+    from tests.helpers import FILES, write_coin_layout
 
     files = json.loads(json.dumps(FILES))
     files["ScienceQA/train.json"].append({"id": "sqa-bad", "image": "sqa/1.png"})  # no conversations

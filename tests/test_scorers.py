@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.data.scorers import (
+from pipeline.scoring.scorers import (
     ScoringError,
     box_iou,
     normalize_vqa_answer,

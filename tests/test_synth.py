@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import scorers
+from pipeline.scoring import scorers
 from pipeline.data.coin import CoinSource, load_records
 from pipeline.data.schema import COIN_TASKS, IMAGE_TOKEN, TASK_FILES
 from pipeline.data.synth import (

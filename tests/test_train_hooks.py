@@ -12,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.test_cluster_configs import _free_port
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ _SCRIPT = textwrap.dedent(
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     from deepspeed.utils import safe_get_full_fp32_param
-    from pipeline.methods.base import adjust_gradients, finish_task
+    from pipeline.methods.protocol import adjust_gradients, finish_task
     from stages.common import fill_deepspeed_config
     from stages.train import EngineGrads, mean_over_workers
 
@@ -102,7 +102,7 @@ _SCRIPT = textwrap.dedent(
 def test_hooks_through_a_deepspeed_engine():
     configs = [str(ROOT / "cluster" / "deepspeed" / n) for n in ("zero2.json", "zero3.json")]
     env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+               MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, *configs], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)

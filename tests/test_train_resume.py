@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.methods.base import build_method
+from pipeline.methods.registry import build_method
 from stages.common import save_state
 from stages.train import META_FILE, STATE_FILE, prepare_method
-from tests.test_methods_contract import _one_thread, batch_for, tiny_models  # noqa: F401
+from tests.helpers import batch_for, tiny_models
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fresh(name: str):

@@ -1,10 +1,11 @@
-"""Ray Tune sweeps (stages/tune.py): search-space syntax, objective/mode, best-config round trip,
-the dry run, and real sweeps.
+"""Ray Tune sweeps (the stages/tune/ package): search-space syntax, the method's default space,
+objective/mode, best-config round trip, the dry run, the ``tune --help`` epilog, and real sweeps.
 
 Default tier: pure functions, the CLI dry run, and one real Tune sweep on the real Ray runtime
-whose trials run ``ScriptedPipeline`` (a stand-in for PipelineRun that holds a CPU per "stage" and
-reports accuracies set by the trial's k) -- ASHA stops trials at two different rungs, MLflow
-nesting, results table, plot, best config, no placement group left behind.
+whose trials run ``ScriptedPipeline`` (a stand-in for PipelineRun, passed to ``run_tune`` as a
+class, that holds a CPU per "stage" and reports accuracies set by the trial's k) -- ASHA stops
+trials at two different rungs, MLflow nesting, results table, plot, best config, no placement
+group left behind.
 
 Slow tier (``-m slow``): the real stage DAG in every trial, through ``python pipeline/main.py
 tune``: a small sweep, an ASHA sweep that stops a real trial between stages (and starts the next
@@ -13,6 +14,7 @@ trial's Ray Train workers afterwards), and a sweep whose driver is SIGKILLed and
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -26,8 +28,8 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, config_from_dict, load_config
+from pipeline.methods.registry import method_class, registered_methods
 from stages.tune import (
-    DEFAULT_SPACE,
     Param,
     Sweep,
     apply_values,
@@ -40,6 +42,7 @@ from stages.tune import (
     run_tune,
     trial_bundle,
     trial_count,
+    tune_help_epilog,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,10 +85,89 @@ def test_every_space_form_parses_to_a_tune_domain():
     assert trial_count(list(params.values())[:2], "grid", 1) == 4 * 3
 
 
-def test_empty_space_is_the_default_modalprompt_space_with_hard_top_k():
-    params = parse_space({})
-    assert [p.key for p in params] == list(DEFAULT_SPACE) == ["k", "M", "temperature"]
+def test_empty_space_is_the_default_modalprompt_space_with_hard_top_k(tmp_path):
+    params = parse_space({}, method="modalprompt")
+    assert [p.key for p in params] == list(method_class("modalprompt").sweep_space) == ["k", "M", "temperature"]
     assert 0.0 in params[2].values  # temperature 0 = the paper's hard top-k
+    sweep = Sweep.from_config(load_config(), tmp_path)  # the embedded default config has no tune.space
+    assert [(p.key, p.path, p.kind) for p in sweep.params] == [
+        ("k", "method.options.k", "choice"), ("M", "method.options.M", "choice"),
+        ("temperature", "method.options.temperature", "choice")]
+    assert [p.values for p in sweep.params] == [(1, 2, 3, 4), (5, 10, 20), (0.0, 0.1, 1.0)]
+
+
+def test_the_default_space_is_the_method_classes_own(monkeypatch, tmp_path):
+    import stages.tune
+
+    assert not hasattr(stages.tune, "DEFAULT_SPACE") and not hasattr(stages.tune, "DEFAULT_PIPELINE")
+    cls = method_class("modalprompt")
+    monkeypatch.setattr(cls, "sweep_space", {"M": {"grid": [7, 9]}, "train.lr": 0.01})
+    sweep = Sweep.from_config(load_config(), tmp_path)
+    assert [(p.key, p.kind, p.values) for p in sweep.params] == [("M", "grid", (7, 9)), ("train.lr", "value", (0.01,))]
+    # a space given in the config (or as an override) replaces the method's default entirely
+    given = Sweep.from_config(load_config(None, ["tune.space={k: {grid: [1, 2]}}"]), tmp_path)
+    assert [p.key for p in given.params] == ["k"]
+    lora = Sweep.from_config(load_config(None, method="lora"), tmp_path)  # LoRA's own: rank, train.lr
+    assert [(p.key, p.path, p.kind) for p in lora.params] == [
+        ("rank", "method.options.rank", "choice"), ("train.lr", "train.lr", "loguniform")]
+
+
+def test_every_registered_default_space_is_valid_or_the_sweep_needs_a_space(tmp_path):
+    names = registered_methods()
+    assert {"modalprompt", "lora", "ewc", "zeroshot", "multitask"} <= set(names)
+    for name in names:
+        cfg = load_config(None, method=name)
+        declared = dict(getattr(method_class(name), "sweep_space", None) or {})
+        if declared:
+            assert [p.key for p in Sweep.from_config(cfg, tmp_path).params] == list(declared), name
+            continue
+        with pytest.raises(ConfigError, match=f"tune.space: method {name!r} declares no default sweep space") as err:
+            Sweep.from_config(cfg, tmp_path)
+        assert "tune.space={" in str(err.value) and "--help" in str(err.value)  # says how to give one
+        assert len(Sweep.from_config(load_config(None, ["tune.space={train.lr: {choice: [0.1, 0.2]}}"], method=name),
+                                     tmp_path).params) == 1  # with a space, the method sweeps
+    with pytest.raises(ConfigError, match="tune.space: empty"):
+        parse_space({})  # no method, no default
+
+
+def test_a_sweep_without_a_space_of_a_method_without_one_is_refused_before_anything_runs(tmp_path, capsys):
+    for dry_run in (True, False):
+        with pytest.raises(ConfigError, match="method 'zeroshot' declares no default sweep space"):
+            run_tune(load_config(None, method="zeroshot"), tmp_path / "sweep", dry_run=dry_run)
+    assert not (tmp_path / "sweep").exists()
+    assert run_tune(load_config(), tmp_path / "sweep", dry_run=True) == 0
+    out = capsys.readouterr().out
+    assert "Search space (key -> config path, domain; modalprompt's default, tune.space is empty):" in out
+    assert "k              -> method.options.k" in out and "choice [0.0, 0.1, 1.0]" in out
+    with pytest.raises(TypeError, match="pipeline must be a class"):
+        run_tune(load_config(), tmp_path / "sweep", pipeline="stages.runner:PipelineRun")  # no module strings
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_the_help_epilog_explains_the_space_syntax_and_shows_the_default_spaces():
+    text = tune_help_epilog()  # the method of pipeline/configs/default.yaml: modalprompt
+    assert load_config(None).method.name == "modalprompt"
+    for entry in ("{choice: [1, 2, 3, 4]}", "{grid: [5, 10, 20]}", "{uniform: [0.3, 0.7]}",
+                  "{loguniform: [0.01, 1.0]}", "{randint: [1, 3]}", "train.lr: 0.003"):
+        assert entry in text, entry  # one example of every form
+    assert "both included" in text and "the same in every trial" in text
+    assert "Keys without a dot are method options" in text and "dotted keys are config paths" in text
+    assert "replaces the" in text and "method's default space" in text and "override" in text
+    for name in ("Avg (max)", "Last", "B (min)", "BWT", "train_loss (min)"):
+        assert name in text
+    assert "random" in text and "optuna" in text and "fifo" in text and "asha" in text
+    own = text.split("default space of modalprompt")[1].split("\n\n")[0]
+    assert "k: {choice: [1, 2, 3, 4]}" in own and "M: {choice: [5, 10, 20]}" in own
+    assert "temperature: {choice: [0.0, 0.1, 1.0]}" in own
+    listed = text.split("default spaces of the registered methods")[1]
+    lines = {ln.split()[0]: ln for ln in listed.splitlines()[1:] if ln.startswith("  ") and ln.split()}
+    assert {"modalprompt", "lora", "ewc", "zeroshot", "multitask"} <= set(lines)
+    assert "rank: {choice: [4, 8, 16]}" in lines["lora"] and "loguniform" in lines["lora"]
+    assert "none" in lines["zeroshot"] and "none" in lines["multitask"]
+    assert "k: {choice" in lines["modalprompt"] and "temperature" in lines["modalprompt"]
+    lora = tune_help_epilog("lora").split("default space of lora")[1].split("\n\n")[0]
+    assert "rank: {choice: [4, 8, 16]}" in lora and "train.lr: {loguniform" in lora
+    assert "declares no default space" in tune_help_epilog("zeroshot")
 
 
 @pytest.mark.parametrize("key, spec, message", [
@@ -155,7 +237,7 @@ def test_objective_mode_follows_the_metric(name, metric, mode):
 
 
 def test_first_task_report_uses_the_documented_stand_ins():
-    from pipeline.data.metrics import all_metrics
+    from pipeline.scoring.metrics import all_metrics
 
     one = {k: v for k, v in all_metrics([[40.0]]).items() if isinstance(v, float)}
     assert "avg" not in one and "B" not in one  # undefined after one task
@@ -247,7 +329,7 @@ class ScriptedPipeline:
     def run(self) -> dict[str, Any]:
         import ray
 
-        from pipeline.data.metrics import all_metrics
+        from pipeline.scoring.metrics import all_metrics
         from stages.tracking import Tracker
 
         self.output.mkdir(parents=True, exist_ok=True)
@@ -269,6 +351,13 @@ class ScriptedPipeline:
         return {"metrics": metrics}
 
 
+def _importable(cls: type) -> type:
+    """``cls`` as Ray's workers can import it (the class is pickled by reference): pytest imports
+    this file as the top-level ``test_tune`` (tests/ put on the driver's sys.path only), while
+    ``tests.test_tune`` is importable from the repository root, the workers' PYTHONPATH."""
+    return getattr(importlib.import_module("tests.test_tune"), cls.__qualname__)
+
+
 def _mlflow_runs(uri: str) -> tuple[Any, list[Any]]:
     from mlflow.tracking import MlflowClient
 
@@ -284,7 +373,7 @@ def test_scripted_sweep_asha_stops_trials_at_two_rungs_and_leaves_nothing_behind
     ])
     out = tmp_path / "sweep"
     t0 = time.time()
-    code = run_tune(cfg, out, pipeline="tests.test_tune:ScriptedPipeline")
+    code = run_tune(cfg, out, pipeline=_importable(ScriptedPipeline))
     wall = time.time() - t0
     assert code == 0
     rows = {r["k"]: r for r in json.loads((out / "results.json").read_text())}
@@ -334,28 +423,28 @@ class _RayInitTimeout(RuntimeError):
 
 
 class _TunerReached(Exception):
-    def __init__(self, restore: bool) -> None:
+    def __init__(self, restore: bool, pipeline: Any = None) -> None:
         super().__init__(restore)
-        self.restore = restore
+        self.restore, self.pipeline = restore, pipeline
 
 
 def _stub_ray(monkeypatch, crash_in_init: bool) -> None:
     """No Ray at all: ``init_ray`` either crashes (the reviewer's repro) or does nothing, and the
     Tuner is replaced by a probe that records whether the sweep would be restored or started."""
     import stages.runner
-    import stages.tune
+    import stages.tune.driver
 
     def init_ray(cfg, stop_notice=None):
         if crash_in_init:
             raise _RayInitTimeout("The current node timed out during startup")
 
-    def tuner(sweep, payload, restore):
-        raise _TunerReached(restore)
+    def tuner(sweep, payload, restore, pipeline):
+        raise _TunerReached(restore, pipeline)
 
     monkeypatch.setattr(stages.runner, "init_ray", init_ray)
-    monkeypatch.setattr(stages.tune, "_warn_oversubscription", lambda cfg: None)
-    monkeypatch.setattr(stages.tune, "_alive_placement_groups", lambda: set())
-    monkeypatch.setattr(stages.tune, "_tuner", tuner)
+    monkeypatch.setattr(stages.tune.driver, "_warn_oversubscription", lambda cfg: None)
+    monkeypatch.setattr(stages.tune.driver, "_alive_placement_groups", lambda: set())
+    monkeypatch.setattr(stages.tune.driver, "_tuner", tuner)
 
 
 def _snapshot(d: Path) -> dict[str, bytes]:
@@ -383,6 +472,9 @@ def test_a_sweep_that_crashed_in_ray_init_can_be_started_again_and_resumed(monke
     with pytest.raises(_TunerReached) as reached:  # the same command again starts the sweep
         run_tune(cfg, out)
     assert reached.value.restore is False
+    from stages.runner import PipelineRun
+
+    assert reached.value.pipeline is PipelineRun  # pipeline=None: the real stage DAG
     assert "never started" in capsys.readouterr().out
 
     with pytest.raises(_TunerReached) as reached:  # --resume starts it from the stored config

@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.data import metrics, storage
+from pipeline.data import storage
+from pipeline.scoring import metrics
 from pipeline.data.schema import COIN_TASKS
 
 
@@ -134,7 +135,7 @@ def read_predictions(location: str) -> dict[str, str]:
 def run_score(args: argparse.Namespace) -> int:
     """Score one task's answer file against its CoIN test JSON."""
     from pipeline.data.coin import DataError, parse_records
-    from pipeline.data.scorers import score_task
+    from pipeline.scoring.scorers import score_task
 
     result = parse_records(_read_json(args.answers), args.task, "test", args.answers)
     if result.bad:

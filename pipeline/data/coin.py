@@ -23,26 +23,46 @@ import io
 import posixpath
 from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from pipeline.data import storage
-from pipeline.data.scorers import parse_box
-from pipeline.data.schema import COIN_TASKS, IMAGE_TOKEN, ROW_COLUMNS, SPLITS, TASK_FILES
-
-if TYPE_CHECKING:
-    from ray.data import Dataset
+from pipeline.scoring.scorers import parse_box
+from pipeline.data.schema import IMAGE_TOKEN, SPLITS
 
 ON_BAD = ("error", "skip")
 
 
 @dataclass(frozen=True)
 class CoinSource:
-    """Where a CoIN download lives: both roots may be local folders or ``s3://`` URLs."""
+    """Where a benchmark's files live: both roots may be local folders or ``s3://`` URLs.
+    ``custom``: the user's own tasks (``pipeline.tasks.TaskSpec``), each with its own files."""
 
     instructions_root: str
     image_root: str
+    custom: tuple = ()
+
+    def spec(self, task: str):
+        """The task's ``TaskSpec`` (DataError naming the known tasks if there is none)."""
+        from pipeline.tasks import task_table
+
+        table = task_table(self.custom)
+        if task not in table:
+            raise DataError(BadRecord(self.instructions_root, None, None, "task",
+                                      f"unknown task {task!r}; expected one of {', '.join(table)}"))
+        return table[task]
+
+    def image_root_for(self, task: str) -> str:
+        return self.spec(task).image_root or self.image_root
+
+    def file_location(self, task: str, split: str) -> tuple[Any, str]:
+        """(filesystem, path) of one split's JSON file."""
+        rel = self.spec(task).file(split)
+        if "://" in rel or rel.startswith("/"):
+            return storage.resolve(rel)
+        fs, root = storage.resolve(self.instructions_root)
+        return fs, storage.join(root, rel)
 
 
 @dataclass(frozen=True)
@@ -104,13 +124,10 @@ class LoadResult:
     decode_log: Any = field(default=None, repr=False, compare=False)
 
     def decode_failures(self) -> list[BadRecord]:
-        """Rows dropped by ``read_dataset``'s decode stage under on_bad="skip" (complete once
-        the dataset has been fully consumed)."""
-        if self.decode_log is None:
-            return []
-        import ray
-
-        return ray.get(self.decode_log.get.remote())
+        """Rows dropped while images were decoded under on_bad="skip" (``decode_log``: a callable
+        returning them, set by the reader that decodes, e.g. ``stages.datasets.read_dataset``;
+        complete once the dataset has been fully consumed)."""
+        return [] if self.decode_log is None else list(self.decode_log())
 
     def all_bad(self) -> list[BadRecord]:
         return self.bad + self.decode_failures()
@@ -198,8 +215,8 @@ def _parse_train(rec: dict, task: str, index: int) -> dict:
     return _row(task, "train", index, rid, image, human, gpt)
 
 
-def _answer_fields(rec: dict, task: str) -> dict:
-    if task == "Grounding":
+def _answer_fields(rec: dict, box: bool) -> dict:
+    if box:
         box = _text(rec, "answer_bbox")
         if parse_box(box) is None:
             raise _FieldError("answer_bbox", f"is not a box '[x1, y1, x2, y2]': {box!r}")
@@ -224,16 +241,17 @@ def _answer_fields(rec: dict, task: str) -> dict:
     return out
 
 
-def _parse_test(rec: dict, task: str, index: int) -> dict:
+def _parse_test(rec: dict, task: str, index: int, box: bool = False) -> dict:
     rid = _record_id(rec, "question_id")
     image = _image_path(rec)
     row = _row(task, "test", index, rid, image, [strip_image_token(_text(rec, "text"))], [])
-    row.update(_answer_fields(rec, task))
+    row.update(_answer_fields(rec, box))
     return row
 
 
-def parse_records(records: Any, task: str, split: str, file: str) -> LoadResult:
+def parse_records(records: Any, task: str, split: str, file: str, box_answers: bool | None = None) -> LoadResult:
     """Validate already-loaded JSON ``records`` of one split (no I/O, no image checks).
+    ``box_answers``: test records answer with a box (default: the task is CoIN's Grounding).
 
     Collects every bad record; file-level problems (not a list, empty) are one ``BadRecord``
     with ``index=None``. Duplicate ids: the first occurrence is kept, later ones are bad.
@@ -242,7 +260,9 @@ def parse_records(records: Any, task: str, split: str, file: str) -> LoadResult:
         return LoadResult([], [BadRecord(file, None, None, None, f"must be a JSON list of records, got {type(records).__name__}")], file, 0)
     if not records:
         return LoadResult([], [BadRecord(file, None, None, None, f"empty {split} split: the file has no records")], file, 0)
-    parse, id_key = (_parse_train, "id") if split == "train" else (_parse_test, "question_id")
+    box = (task == "Grounding") if box_answers is None else box_answers
+    parse, id_key = (_parse_train, "id") if split == "train" else (
+        (lambda rec, task, index: _parse_test(rec, task, index, box)), "question_id")
     rows, bad, seen = [], [], {}
     for index, rec in enumerate(records):
         if not isinstance(rec, dict):
@@ -270,23 +290,20 @@ def task_file(source: CoinSource, task: str, split: str) -> str:
     """Location of one split's JSON file (a display path / URL)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    if task not in TASK_FILES:
-        raise DataError(BadRecord(source.instructions_root, None, None, "task",
-                                  f"unknown task {task!r}; expected one of {', '.join(COIN_TASKS)}"))
-    fs, root = storage.resolve(source.instructions_root)
-    return storage.display(fs, storage.join(root, TASK_FILES[task][split]))
+    fs, path = source.file_location(task, split)
+    return storage.display(fs, path)
 
 
-def list_images(source: CoinSource) -> set[str]:
-    """Every file under the image root, relative to it (one recursive listing)."""
-    fs, root = storage.resolve(source.image_root)
+def list_images(source: CoinSource, task: str | None = None) -> set[str]:
+    """Every file under the image root (of ``task``: a user task may have its own), relative to it
+    (one recursive listing)."""
+    fs, root = storage.resolve(source.image_root_for(task) if task else source.image_root)
     return storage.list_files(fs, root)
 
 
 def _read_file(source: CoinSource, task: str, split: str) -> tuple[str, Any, BadRecord | None]:
     file = task_file(source, task, split)
-    fs, root = storage.resolve(source.instructions_root)
-    path = storage.join(root, TASK_FILES[task][split])
+    fs, path = source.file_location(task, split)
     try:
         return file, storage.read_json(fs, path), None
     except FileNotFoundError:
@@ -304,15 +321,17 @@ def scan_split(source: CoinSource, task: str, split: str, *, image_files: Collec
     file, records, problem = _read_file(source, task, split)
     if problem is not None:
         return LoadResult([], [problem], file, 0)
-    result = parse_records(records, task, split, file)
+    spec = source.spec(task)
+    result = parse_records(records, task, split, file, box_answers=spec.box_answers)
     if not any(r["image_path"] for r in result.rows):
         return result
-    files = image_files if image_files is not None else list_images(source)
+    own_root = spec.image_root is not None
+    files = image_files if image_files is not None and not own_root else list_images(source, task)
     kept = []
     for row in result.rows:
         if row["image_path"] and row["image_path"] not in files:
             result.bad.append(BadRecord(file, row["index"], row["id"], "image",
-                                        f"image file {row['image_path']!r} not found under {source.image_root}"))
+                                        f"image file {row['image_path']!r} not found under {source.image_root_for(task)}"))
         else:
             kept.append(row)
     result.rows = kept
@@ -406,7 +425,7 @@ def iter_decoded(source: CoinSource, task: str, split: str, image_size: int, *, 
     result = load_records(source, task, split, on_bad=on_bad)
     if bad_out is not None:
         bad_out.extend(result.bad)
-    fs, root = storage.resolve(source.image_root)
+    fs, root = storage.resolve(source.image_root_for(task))
     for row in result.rows:
         try:
             image = _decode_one(fs, root, row["image_path"], image_size,
@@ -418,90 +437,3 @@ def iter_decoded(source: CoinSource, task: str, split: str, image_size: int, *, 
                 bad_out.append(e.bad)
             continue
         yield {**row, "image": image}
-
-
-# ---- Ray Data -------------------------------------------------------------------------------
-
-
-class _BadLog:
-    """Ray actor body collecting decode failures, keyed by record index (retries add nothing)."""
-
-    def __init__(self) -> None:
-        self._bad: dict[int, BadRecord] = {}
-
-    def add(self, bad: list[BadRecord]) -> None:
-        for b in bad:
-            self._bad[b.index] = b
-
-    def get(self) -> list[BadRecord]:
-        return [self._bad[k] for k in sorted(self._bad)]
-
-
-def _row_schema():
-    """Arrow types of the schema columns, fixed so that all-empty list columns keep their type."""
-    import pyarrow as pa
-
-    strings = pa.list_(pa.string())
-    types = {"index": pa.int64(), "human_turns": strings, "gpt_turns": strings, "answers": strings,
-             "size": pa.list_(pa.int64())}
-    return pa.schema([(name, types.get(name, pa.string())) for name in ROW_COLUMNS])
-
-
-def _decode_batch(batch, *, fs: Any, root: str, size: int, file: str, log: Any, pad_color: PadColor = None):
-    """map_batches body on a pyarrow batch: add ``image`` (n, size, size, 3) uint8. A row whose
-    image fails to decode is dropped and logged when ``log`` is an actor handle (skip mode);
-    otherwise the DataError naming file, record, id and field is raised."""
-    from ray.data.extensions import ArrowTensorArray
-
-    batch = batch.select(list(ROW_COLUMNS)).cast(_row_schema())
-    paths, indices, ids = (batch.column(c).to_pylist() for c in ("image_path", "index", "id"))
-    images = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
-    keep = np.ones(len(paths), dtype=bool)
-    failed: list[BadRecord] = []
-    for k, path in enumerate(paths):
-        try:
-            images[k] = _decode_one(fs, root, path, size, BadRecord(file, indices[k], ids[k], None, ""), pad_color)
-        except DataError as e:
-            if log is None:
-                raise
-            keep[k] = False
-            failed.append(e.bad)
-    if failed:
-        import ray
-
-        ray.get(log.add.remote(failed))
-    return batch.filter(keep).append_column("image", ArrowTensorArray.from_numpy(images[keep]))
-
-
-def read_dataset(source: CoinSource, task: str, split: str, *, image_size: int, on_bad: str = "error",
-                 ray_parallelism: int | None = None, decode_batch_size: int = 32,
-                 decode_num_cpus: float | None = None, pad_color: PadColor = None) -> tuple[Dataset, LoadResult]:
-    """A Ray Dataset of one split, images decoded lazily (streaming) in ``map_batches``.
-
-    Returns ``(dataset, LoadResult)``; the dataset has every schema column including
-    ``image`` (uint8, shape (image_size, image_size, 3)). Row order is the file order
-    (this switches on preserve_order in the current DataContext). ``ray_parallelism`` sets the
-    number of input blocks; ``decode_num_cpus`` the CPUs each decode task reserves (a fraction
-    leaves room for Train workers). Under on_bad="skip" see ``LoadResult.decode_failures()``
-    for rows dropped while decoding; the dataset keeps the log actor alive. ``pad_color``: see
-    ``decode_image``.
-    """
-    import ray
-
-    if image_size <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-    result = load_records(source, task, split, on_bad=on_bad)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    if on_bad == "skip":
-        result.decode_log = ray.remote(num_cpus=0)(_BadLog).remote()
-    fs, root = storage.resolve(source.image_root)
-    ds = ray.data.from_items(result.rows, override_num_blocks=ray_parallelism)
-    ds = ds.map_batches(
-        _decode_batch,
-        batch_size=decode_batch_size,
-        batch_format="pyarrow",
-        **({"num_cpus": decode_num_cpus} if decode_num_cpus is not None else {}),
-        fn_kwargs={"fs": fs, "root": root, "size": image_size, "file": result.file, "log": result.decode_log,
-                   "pad_color": pad_color},
-    )
-    return ds, result

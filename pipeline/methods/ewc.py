@@ -30,7 +30,8 @@ from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
-from pipeline.methods.base import base_lm_loss, register
+from pipeline.methods.helpers import base_lm_loss
+from pipeline.methods.registry import register
 from pipeline.methods.lora import LoRAOptions, SequentialLoRA
 
 _KEY = re.compile(r"ewc\.(\d+)\.(fisher|anchor)\.(.+)")

@@ -21,15 +21,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pipeline.methods.base import (
-    Generation,
-    base_generate,
-    base_lm_loss,
-    gathered,
-    hold_frozen,
-    parse_options,
-    register,
-)
+from pipeline.methods.base import MethodBase
+from pipeline.methods.helpers import base_generate, base_lm_loss, gathered
+from pipeline.methods.protocol import Generation
+from pipeline.methods.registry import register
 
 # Full-match regex over module names of LlavaForConditionalGeneration (transformers 5:
 # ``model.language_model.layers.N.self_attn.q_proj``); the CLIP tower lives under
@@ -77,7 +72,7 @@ def inject_lora(model: nn.Module, opts: LoRAOptions) -> list[nn.Parameter]:
 
 
 @register("lora")
-class SequentialLoRA(nn.Module):
+class SequentialLoRA(MethodBase):
     """One LoRA adapter on the LLM, fine-tuned on every task in turn (no forgetting protection).
 
     ``state_tensors()`` = the adapter weights as ``peft.get_peft_model_state_dict`` names them
@@ -85,15 +80,12 @@ class SequentialLoRA(nn.Module):
     (rank, d_in) and ``...lora_B.weight`` (d_out, rank).
     """
 
-    name: ClassVar[str] = "lora"
-    task_id_at_test: ClassVar[bool] = False
-    schedule: ClassVar[str] = "sequential"
     options_class: ClassVar[type] = LoRAOptions  # subclasses (ewc) extend the options
+    sweep_space: ClassVar[dict[str, Any]] = {"rank": {"choice": [4, 8, 16]}, "train.lr": {"loguniform": [1e-4, 1e-2]}}
 
     def __init__(self, options: dict[str, Any] | None, lmm: Any, guide: Any) -> None:
-        super().__init__()
-        self.opts: LoRAOptions = parse_options(self.name, options, self.options_class)
-        hold_frozen(self, lmm=lmm, guide=guide)
+        super().__init__(options, lmm, guide)
+        self.opts: LoRAOptions
         self._adapter = inject_lora(lmm.model, self.opts)
         self.model = lmm.model  # registered: see the module docstring
         self._set_trainable(False)
@@ -115,9 +107,6 @@ class SequentialLoRA(nn.Module):
     def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """Plain LM cross-entropy of the adapted LMM."""
         return base_lm_loss(self.lmm, batch)
-
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.training_loss(batch)[0]
 
     def generate(self, batch: dict[str, Any], max_new_tokens: int) -> Generation:
         return Generation(texts=base_generate(self.lmm, batch, max_new_tokens))

@@ -48,15 +48,20 @@ Design choices (documented here because the paper leaves them open):
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.methods.base import Generation, base_embeds, gathered, hold_frozen, parse_options, register
+from pipeline.methods.base import MethodBase
+from pipeline.methods.helpers import base_embeds, gathered
+from pipeline.methods.protocol import Diagnostics, Generation
+from pipeline.methods.registry import register
 
 
 @dataclass
@@ -147,7 +152,7 @@ class TaskPrompt(nn.Module):
 
 
 @register("modalprompt")
-class ModalPrompt(nn.Module):
+class ModalPrompt(MethodBase):
     """Per-task soft prompts + prototype projections; see the module docstring.
 
     Built by the registry as ``ModalPrompt(options, lmm, guide)``, ``options`` being the config
@@ -157,15 +162,15 @@ class ModalPrompt(nn.Module):
     ``tasks.{t}.proj.{0,2}.{weight,bias}`` (Proj_p^t's two linear layers).
     """
 
-    name: ClassVar[str] = "modalprompt"
-    task_id_at_test: ClassVar[bool] = False
-    schedule: ClassVar[str] = "sequential"
     options_class: ClassVar[type] = ModalPromptOptions
+    # the default Ray Tune space (0.0 = the paper's hard top-k)
+    sweep_space: ClassVar[dict[str, Any]] = {
+        "k": {"choice": [1, 2, 3, 4]}, "M": {"choice": [5, 10, 20]}, "temperature": {"choice": [0.0, 0.1, 1.0]},
+    }
 
     def __init__(self, options: dict[str, Any] | None, lmm: Any, guide: Any) -> None:
-        super().__init__()
-        self.opts: ModalPromptOptions = parse_options(self.name, options, self.options_class)
-        hold_frozen(self, lmm=lmm, guide=guide)
+        super().__init__(options, lmm, guide)
+        self.opts: ModalPromptOptions
         self.d_llm = int(lmm.hidden_size)
         self.d_guide = int(guide.dim)
         self.tasks = nn.ModuleList()  # tasks[t]: TaskPrompt of task t
@@ -215,9 +220,6 @@ class ModalPrompt(nn.Module):
 
     def _set_trainable(self, t: int, flag: bool) -> None:
         self.tasks[t].requires_grad_(flag)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -318,9 +320,6 @@ class ModalPrompt(nn.Module):
         logs = {"loss": loss.item(), "lm_loss": lm.item(), "proto_loss": proto_loss.item()}
         return loss, logs
 
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.training_loss(batch)[0]
-
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def select(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -351,3 +350,49 @@ class ModalPrompt(nn.Module):
         texts = self.lmm.generate(embeds, mask, max_new_tokens)
         return Generation(texts=texts, selected=idx.tolist(), scores=scores.cpu())
 
+    # ------------------------------------------------------------------ diagnostics
+    @classmethod
+    def diagnostics(cls, predictions: dict[str, list[dict[str, Any]]], learned: list[str], out_dir: Path
+                    ) -> Diagnostics | None:
+        """Which prompt sets each test task selects, and how similar each task's samples are to
+        each prototype (the paper's Fig. 4): ``selection.json`` and two heatmaps, plus
+        ``top1_own_task`` (share of samples whose most similar set is their own task's; a task
+        not learned yet counts as a miss)."""
+        from pipeline.figures import heatmap
+
+        tasks = list(predictions)
+        freq, sim, top1 = {}, {}, {}
+        for task in tasks:
+            lines = predictions[task]
+            if not lines or not lines[0].get("scores"):
+                return None
+            n = len(lines[0]["scores"])
+            counts, sums, hits = [0.0] * n, [0.0] * n, 0
+            own = learned.index(task) if task in learned else -1
+            for ln in lines:
+                for j in ln["selected"]:
+                    counts[j] += 1
+                sums = [a + b for a, b in zip(sums, ln["scores"])]
+                hits += int(bool(ln["selected"]) and ln["selected"][0] == own)
+            freq[task] = [c / len(lines) for c in counts]
+            sim[task] = [v / len(lines) for v in sums]
+            top1[task] = hits / len(lines)
+        cols = learned[: len(next(iter(freq.values())))]
+        mean = sum(top1.values()) / len(top1)
+        sel = {"tasks": tasks, "learned": cols, "selection_frequency": [freq[t] for t in tasks],
+               "prototype_similarity": [sim[t] for t in tasks], "top1_own_task": top1, "top1_own_task_mean": mean}
+        (out_dir / "selection.json").write_text(json.dumps(sel, indent=2))
+        files = [
+            out_dir / "selection.json",
+            heatmap(sel["selection_frequency"], rows=tasks, cols=cols, fmt="{:.2f}",
+                    title="Selection frequency (rows: test task, cols: selected prompts)",
+                    path=out_dir / "selection_frequency.png", xlabel="selected task", ylabel="test task"),
+            heatmap(sel["prototype_similarity"], rows=tasks, cols=cols, fmt="{:.2f}",
+                    title="Prototype vs task similarity (mean guidance score)",
+                    path=out_dir / "prototype_similarity.png", xlabel="prototype", ylabel="test task"),
+        ]
+        return Diagnostics(
+            summary={"top1_own_task_mean": mean, **{f"top1_own_task/{t}": v for t, v in top1.items()}},
+            files=files,
+            lines=[f"Top-1 selected prompt set is the sample's own task: {100 * mean:.1f}%"],
+        )

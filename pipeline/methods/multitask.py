@@ -13,22 +13,21 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pipeline.methods.base import Generation, parse_options, register
+from pipeline.methods.base import MethodBase
 from pipeline.methods.lora import LoRAOptions, SequentialLoRA
+from pipeline.methods.protocol import JOINT, Generation
+from pipeline.methods.registry import register
 
 
 @register("multitask")
-class MultiTaskLoRA(nn.Module):
+class MultiTaskLoRA(MethodBase):
     """Joint-training wrapper around one ``SequentialLoRA``; state names are the inner ones."""
 
-    name: ClassVar[str] = "multitask"
-    task_id_at_test: ClassVar[bool] = False
-    schedule: ClassVar[str] = "joint"
+    schedule: ClassVar[str] = JOINT
     options_class: ClassVar[type] = LoRAOptions
 
     def __init__(self, options: dict[str, Any] | None, lmm: Any, guide: Any) -> None:
-        super().__init__()
-        parse_options(self.name, options, self.options_class)  # errors name "multitask", not "lora"
+        super().__init__(options, lmm, guide)  # errors name "multitask", not "lora"
         self.lora = SequentialLoRA(options, lmm, guide)
 
     def begin_task(self, task_index: int, task_name: str = "") -> None:
@@ -42,9 +41,6 @@ class MultiTaskLoRA(nn.Module):
 
     def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         return self.lora.training_loss(batch)
-
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.lora.training_loss(batch)[0]
 
     def generate(self, batch: dict[str, Any], max_new_tokens: int) -> Generation:
         return self.lora.generate(batch, max_new_tokens)

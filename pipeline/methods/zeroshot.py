@@ -11,29 +11,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pipeline.methods.base import Generation, base_generate, base_lm_loss, hold_frozen, register
+from pipeline.methods.base import MethodBase
+from pipeline.methods.helpers import base_generate, base_lm_loss
+from pipeline.methods.protocol import NONE, Generation
+from pipeline.methods.registry import register
 
 
 @register("zeroshot")
-class ZeroShot(nn.Module):
+class ZeroShot(MethodBase):
     """The base model as it is; no parameters, empty state."""
 
-    name: ClassVar[str] = "zeroshot"
-    task_id_at_test: ClassVar[bool] = False
-    schedule: ClassVar[str] = "none"
-    options_class: ClassVar[None] = None  # takes no options
-
-    def __init__(self, options: dict[str, Any] | None, lmm: Any, guide: Any) -> None:
-        super().__init__()
-        if options:
-            raise ValueError(f"method 'zeroshot': takes no options (got {sorted(options)})")
-        hold_frozen(self, lmm=lmm, guide=guide)
-
-    def begin_task(self, task_index: int, task_name: str = "") -> None:
-        pass
-
-    def end_task(self, task_index: int) -> None:
-        pass
+    schedule: ClassVar[str] = NONE
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return []
@@ -42,9 +30,6 @@ class ZeroShot(nn.Module):
     def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """The base model's LM loss (no gradient): lets evaluation report a loss for this bound."""
         return base_lm_loss(self.lmm, batch)
-
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.training_loss(batch)[0]
 
     def generate(self, batch: dict[str, Any], max_new_tokens: int) -> Generation:
         return Generation(texts=base_generate(self.lmm, batch, max_new_tokens))
@@ -55,6 +40,3 @@ class ZeroShot(nn.Module):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if tensors:
             raise ValueError(f"zeroshot has no state; got {sorted(tensors)[:3]}...")
-
-    def task_keys(self, task_index: int) -> list[str]:
-        return []

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 from pipeline.data.schema import COIN_TASKS
@@ -221,17 +222,49 @@ def _score_grounding(pred: str, row: Mapping) -> float | None:
     return float(box_iou(box, gt) > 0.5)
 
 
-_SCORERS = {
-    "ScienceQA": _score_scienceqa,
-    "TextVQA": _score_textvqa,
-    "ImageNet": _score_imagenet,
-    "GQA": _score_gqa,
-    "VizWiz": _score_exact_ci,
-    "Grounding": _score_grounding,
-    "VQAv2": _score_exact_ci,
-    "OCRVQA": _score_exact_ci,
+@dataclass(frozen=True)
+class Scorer:
+    """A scorer by name: ``score(prediction, ground-truth row)`` -> item score in [0, 1], or None
+    when the prediction cannot be parsed (counted as wrong and reported as unparseable).
+    ``answers``: what a test record must carry: "text" (``answer`` / ``answers``) or "box"
+    (``answer_bbox`` and ``size``)."""
+
+    name: str
+    score: Any
+    answers: str
+    help: str
+
+
+SCORERS: dict[str, Scorer] = {s.name: s for s in (
+    Scorer("letter", _score_scienceqa, "text", "option letter (A, B, ...) parsed from the answer == the letter (ScienceQA)"),
+    Scorer("vqa", _score_textvqa, "text", "VQA soft accuracy over `answers` (>= 2), else normalised exact match (TextVQA)"),
+    Scorer("label", _score_imagenet, "text", "class label, case and a final period ignored (ImageNet)"),
+    Scorer("gqa", _score_gqa, "text", "exact match, case and surrounding periods ignored (GQA)"),
+    Scorer("exact", _score_exact_ci, "text", "exact match, case and surrounding spaces ignored (VizWiz, VQAv2, OCR-VQA)"),
+    Scorer("iou", _score_grounding, "box", "box IoU with `answer_bbox` > 0.5 (Grounding)"),
+)}
+
+# the scorer of each CoIN task (CoIN's own evaluation code decides; docs/coin-scoring.md)
+COIN_SCORERS: dict[str, str] = {
+    "ScienceQA": "letter", "TextVQA": "vqa", "ImageNet": "label", "GQA": "gqa", "VizWiz": "exact",
+    "Grounding": "iou", "VQAv2": "exact", "OCRVQA": "exact",
 }
-assert set(_SCORERS) == set(COIN_TASKS)
+assert set(COIN_SCORERS) == set(COIN_TASKS)
+
+
+def register_scorer(name: str, score: Any, *, answers: str = "text", help: str = "") -> None:
+    """Add a scorer by name (e.g. from a method plugin or a user module)."""
+    if name in SCORERS:
+        raise ValueError(f"scorer {name!r} exists")
+    if answers not in ("text", "box"):
+        raise ValueError(f"scorer {name!r}: answers must be 'text' or 'box'")
+    SCORERS[name] = Scorer(name, score, answers, help)
+
+
+def scorer_info(name: str) -> Scorer:
+    if name not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r}; known: {sorted(SCORERS)}")
+    return SCORERS[name]
 
 
 # ---- matching and the public entry point ----------------------------------------------------
@@ -282,6 +315,7 @@ def score_task(
     predictions: Mapping[str, str],
     *,
     keep_items: bool = False,
+    scorer: str | None = None,
 ) -> ScoreResult:
     """Score ``predictions`` (question_id -> answer text) against one task's test set.
 
@@ -289,8 +323,11 @@ def score_task(
     (``question_id``). Raises ``ScoringError`` naming question_ids when a prediction is
     missing or has no test record, or when the test set is empty.
     """
-    if task not in _SCORERS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(COIN_TASKS)}")
+    if scorer is None:
+        if task not in COIN_SCORERS:
+            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(COIN_TASKS)} (or give a scorer)")
+        scorer = COIN_SCORERS[task]
+    score_item = scorer_info(scorer).score
     gt = _index_ground_truth(test_rows_or_records)
     if not gt:
         raise ScoringError(f"{task}: empty test set")
@@ -300,12 +337,11 @@ def score_task(
         parts = [f"missing predictions for question_ids {_show(missing)}"] if missing else []
         parts += [f"predictions for unknown question_ids {_show(extra)}"] if extra else []
         raise ScoringError(f"{task}: " + "; ".join(parts))
-    scorer = _SCORERS[task]
     items: dict[str, float] = {}
     unparseable = 0
     for qid, row in gt.items():
         pred = preds[qid]
-        value = scorer(pred, row) if isinstance(pred, str) else None
+        value = score_item(pred, row) if isinstance(pred, str) else None
         if value is None:
             unparseable += 1
             value = 0.0

@@ -1,0 +1,75 @@
+"""Helpers shared by method modules (methods may use or ignore them; no protocol change)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+def hold_frozen(module: nn.Module, **refs: Any) -> None:
+    """Attach the frozen base LMM / guide to ``module`` WITHOUT registering them as submodules.
+
+    Registering them would put the whole base model into ``module.parameters()`` and
+    ``module.state_dict()`` (so DeepSpeed checkpoints and ``state_tensors`` would carry the 7B
+    base weights); a plain attribute keeps the method's module tree = the method's own state.
+    """
+    for name, ref in refs.items():
+        object.__setattr__(module, name, ref)
+
+
+def base_embeds(lmm: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """(B, L, d_llm) input embeddings of the unmodified base model.
+
+    Computed without autograd: nothing upstream of the embeddings (vision tower, projector,
+    token embeddings) is trainable in any method here, so keeping their activations is waste.
+    """
+    with torch.no_grad():
+        return lmm.embed(batch["input_ids"], batch["pixel_values"])
+
+
+def base_lm_loss(lmm: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Plain LM cross-entropy of the (possibly adapter-injected) LMM on the unprefixed input."""
+    loss = lmm.lm_loss(base_embeds(lmm, batch), batch["attention_mask"], batch["labels"])
+    return loss, {"loss": loss.item(), "lm_loss": loss.item()}
+
+
+def base_generate(
+    lmm: Any,
+    batch: dict[str, Any],
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy answers of the LMM as it is (with whatever adapters are injected into it)."""
+    with torch.no_grad():
+        embeds = lmm.embed(batch["input_ids"], batch["pixel_values"])
+        return lmm.generate(embeds, batch["attention_mask"], max_new_tokens)
+
+
+@contextmanager
+def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Make ZeRO-3-partitioned parameters whole inside the block (a no-op otherwise).
+
+    ``state_tensors`` / ``load_state_tensors`` run inside it so that a method wrapped by a ZeRO-3
+    engine saves full tensors, not empty partitions. Collective while something is still
+    partitioned (every rank must call); inside a caller's own all-rank gather it does nothing, so
+    rank 0 alone may then call ``state_tensors``. ``modifier_rank`` = the rank whose in-place
+    writes are broadcast (None: read only).
+    """
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    # Only reached when DeepSpeed already partitioned these parameters.
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    # Parameters an outer context (e.g. the training stage's own gather) already made whole are
+    # left alone: DeepSpeed refuses nested gathers of the same parameter.
+    partitioned = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if not partitioned:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield

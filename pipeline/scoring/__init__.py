@@ -1,0 +1,1 @@
+"""Scoring (CoIN's scorers, a registry of them by name) and continual-learning metrics; no Ray."""

@@ -1,0 +1,52 @@
+"""What the stages of one run share: the config, the run directory, the tracker, the schedule,
+the stage list, the data source and the base models (set by the base stage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.config import ExperimentConfig
+from pipeline.data.coin import CoinSource
+from stages.artifacts import STATE_FILE
+from stages.common import BaseModels
+from stages.rundir import RunDir
+from stages.schedules import Schedule, Stage
+from stages.tracking import Tracker
+
+
+@dataclass
+class RunContext:
+    cfg: ExperimentConfig
+    rundir: RunDir
+    tracker: Tracker
+    schedule: Schedule
+    stages: list[Stage]
+    source: CoinSource
+    log: Callable[[str], None]
+    base: BaseModels | None = None
+    # a resident Ray Train worker group trains every train stage (stages/resident.py)
+    resident_ok: bool = False
+    resident: Any = None
+    resident_data: dict[str, Any] = field(default_factory=dict)
+    test_rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    on_evaluated: Callable[[int, dict[str, float]], None] | None = None
+    results: Any = None  # stages.results.RunResults
+
+    def stage_dir(self, stage: Stage) -> Path:
+        return self.rundir.stage_dir(stage.id)
+
+    def state_of(self, stage: Stage | None) -> Path | None:
+        """The frozen method state a freeze stage wrote (None for None)."""
+        return self.stage_dir(stage) / STATE_FILE if stage is not None else None
+
+    def pad_color(self) -> tuple[int, int, int] | None:
+        """How images become square for this run's base (after the base stage: its folder)."""
+        from pipeline.models.build import image_pad_color
+
+        return image_pad_color(self.cfg.model, self.base.lmm_dir if self.base else None)
+
+    def log_numbers(self, run_id: str, result: dict[str, Any]) -> None:
+        self.tracker.log_metrics(run_id, {k: v for k, v in result.items()
+                                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
