@@ -222,12 +222,12 @@ class ResourcesConfig:
 
 @dataclass
 class TuneConfig:
-    """Ray Tune sweep over method options (``python pipeline/main.py tune``; see stages/tune.py).
+    """Ray Tune sweep over method options (``python pipeline/main.py tune``; see stages/tune/).
 
     ``space`` maps a parameter to a domain: ``{choice: [...]}``, ``{grid: [...]}``,
     ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``, ``{randint: [lo, hi]}`` (inclusive) or a
     plain value. Keys without a dot are method options (``k`` = ``method.options.k``); dotted
-    keys are paths from the config root (``train.lr``). Empty: the default ModalPrompt space.
+    keys are paths from the config root (``train.lr``). Empty: the method's own default space (its class's ``sweep_space``).
     """
 
     space: dict[str, Any] = field(default_factory=dict)
@@ -239,7 +239,7 @@ class TuneConfig:
     reduction_factor: float = 2.0  # ASHA: keep the best 1/reduction_factor at each rung
     max_concurrent: int = 1  # trials at a time (1: safe on a 2-CPU box, one MLflow writer)
     # Resources of the trial's own driver function only: 0 = none (it just waits on its pipeline;
-    # the stages request their Train workers / Ray Data CPUs themselves, see stages/tune.py).
+    # the stages request their Train workers / Ray Data CPUs themselves, see stages/tune/).
     cpus_per_trial: float = 0.0
     gpus_per_trial: float = 0.0
     overrides: dict[str, Any] = field(default_factory=dict)  # config overrides for every trial

@@ -14,6 +14,7 @@ from stages.artifacts import RUN_LOG
 
 LIBRARY_LOGGERS = ("ray", "mlflow", "py.warnings", "alembic", "urllib3", "filelock", "fsspec", "s3fs", "botocore",
                    "deepspeed", "torch", "transformers")
+QUIET_RAYLET = "PYTHON worker processes have been started"
 _lock = threading.Lock()
 _sinks: list["LogCapture"] = []
 
@@ -48,6 +49,30 @@ class LogCapture:
                 logger.removeHandler(h)
             logger.propagate = False
         logger.addHandler(self.handler)  # levels stay as the libraries set them
+
+    def quiet_ray_notices(self) -> None:
+        """The Ray driver prints what the raylet pushes to it on stdout, log_to_driver or not. Its
+        "N PYTHON worker processes have been started" notice (a run keeps more actors than CPUs
+        on a small machine: expected) goes to the run log; every other message still shows."""
+        if self.verbose:
+            return
+        import ray._private.worker as ray_worker
+
+        original = ray_worker.print_to_stdstream
+        if getattr(original, "coin_quiet", False):
+            return
+
+        def filtered(data, ignore_prefix):
+            lines = data.get("lines") or []
+            if data.get("pid") == "raylet" and lines and all(QUIET_RAYLET in str(x) for x in lines):
+                for x in lines:
+                    for s in list(_sinks):
+                        s.write(f"(raylet) {x}")
+                return
+            original(data, ignore_prefix)
+
+        filtered.coin_quiet = True
+        ray_worker.print_to_stdstream = filtered
 
     def quiet_more(self) -> None:
         """Again, after ``ray.init`` and Ray Data's first use (they add their own handlers)."""

@@ -194,6 +194,7 @@ class PipelineRun:
         self.log(f"MLflow: {tracker.uri} (experiment {tracker.experiment!r}, run {parent})")
         init_ray(cfg, verbose=self.verbose)
         self._logs.quiet_more()
+        self._logs.quiet_ray_notices()
         ctx = RunContext(cfg=cfg, rundir=rundir, tracker=tracker, schedule=schedule_for(self.schedule),
                          stages=self.stages, source=data_source(cfg), log=self.log, on_evaluated=self.on_evaluated)
         ctx.results = RunResults(ctx)

@@ -25,6 +25,9 @@ from mlflow.tracking import MlflowClient
 _SECRET = re.compile(r"(secret|password|token|access_key|credential)", re.I)
 
 
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config -> {"train.lr": "0.003", ...}; values that look like secrets are dropped."""
     out: dict[str, str] = {}
@@ -69,6 +72,10 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
+        # the MLflow UI opens an experiment by its kind; without the tag it guesses "GenAI"
+        # (Evaluations, Traces). This is model training; a kind set by the user is kept.
+        if exp is None or EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self.experiment = experiment
         self.parent_id: str | None = None
         self._state_file = self.run_root / "mlflow.json"

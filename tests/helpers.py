@@ -253,6 +253,41 @@ MODALPROMPT_T10 = {
 }
 
 
+# ---- running the pipeline as a user does ------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+# A reduced embedded default: small CoIN-synth, a briefly pre-trained base, one epoch.
+SMALL = [
+    "data.synth.train_per_task=32",
+    "data.synth.test_per_task=16",
+    "data.synth.pretrain_records=200",
+    "data.synth.pretrain_skill_per_task=20",
+    "model.pretrain.lmm_steps=20",
+    "model.pretrain.guide_steps=10",
+    "train.epochs=1",
+    "resources.num_cpus=2",
+]
+
+
+def pipeline_env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def run_pipeline(out: Path, cache: Path, *extra: str, timeout: int = 900, small: bool = True):
+    """``python pipeline/main.py --output OUT cache_dir=CACHE [SMALL] EXTRA...`` in a subprocess."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "pipeline/main.py", "--output", str(out), f"cache_dir={cache}",
+           *(SMALL if small else []), *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=pipeline_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

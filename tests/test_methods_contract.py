@@ -1,6 +1,6 @@
 """Contract tests run over EVERY registered continual method on a tiny random-init LMM and guide.
 
-What each method must satisfy (shared/docs/style.md, principle 9):
+What each method must satisfy:
   * only the method's own parameters receive gradients (base LMM and guide grads stay None);
   * the state of earlier tasks is bit-identical after a later task is trained;
   * state_tensors -> safetensors file -> a freshly built LMM/guide/method gives identical outputs;
@@ -11,14 +11,19 @@ Methods with schedule "none" are checked for having nothing to train instead.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.methods.protocol import ContinualMethod, finish_task
-from pipeline.methods.registry import build_method, registered_methods
+from pipeline.methods.registry import build_method, load_plugins, registered_methods
 from tests.helpers import batch_for, tiny_models, train_toy
 
+# A method outside the repository joins every contract test by its file alone:
+# COIN_TEST_METHOD_PLUGINS=path/to/method.py (os.pathsep-separated), as ``method.plugins`` does.
+load_plugins([p for p in os.environ.get("COIN_TEST_METHOD_PLUGINS", "").split(os.pathsep) if p])
 METHODS = registered_methods()
 MAX_NEW = 3
 STEPS = 30  # optimizer steps per task in the toy run

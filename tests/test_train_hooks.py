@@ -25,7 +25,7 @@ _SCRIPT = textwrap.dedent(
     from deepspeed.utils import safe_get_full_fp32_param
     from pipeline.methods.protocol import adjust_gradients, finish_task
     from stages.common import fill_deepspeed_config
-    from stages.train import EngineGrads, mean_over_workers
+    from stages.train_worker import EngineGrads, mean_over_workers
 
     F = torch.nn.functional
 

@@ -1,4 +1,4 @@
-"""How a train worker rebuilds its method before training a job (``stages.train.prepare_method``):
+"""How a train worker rebuilds its method before training a job (``stages.train_worker.prepare_method``):
 earlier tasks' frozen state, then the job's own mid-stage checkpoint, then ``begin_task``. Real
 methods on the tiny random-init models of the contract tests; no Ray needed."""
 
@@ -12,7 +12,8 @@ import torch
 
 from pipeline.methods.registry import build_method
 from stages.common import save_state
-from stages.train import META_FILE, STATE_FILE, prepare_method
+from stages.artifacts import META_FILE, STATE_FILE
+from stages.train_worker import prepare_method
 from tests.helpers import batch_for, tiny_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
