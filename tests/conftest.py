@@ -45,3 +45,20 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+# ---- tiers ----------------------------------------------------------------------------------
+# unit: no Ray (the default tier's fast part); ray: a real local Ray (a session fixture, a pipeline
+# run in a subprocess, a sweep); slow: full end-to-end runs, `make test-slow` (pyproject's addopts
+# leaves them out of `make test`). Each test is marked so that `-m unit` / `-m ray` select a tier.
+# Modules whose tests start Ray without the ray_session fixture (pipeline runs in subprocesses):
+RAY_MODULES = {"test_pipeline_e2e", "test_extending", "test_tune", "test_cluster_configs"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow"):
+            continue
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        uses_ray = "ray_session" in getattr(item, "fixturenames", ()) or module in RAY_MODULES
+        item.add_marker(pytest.mark.ray if uses_ray else pytest.mark.unit)

@@ -1,7 +1,8 @@
 """The project extended without touching it: a method in one file outside the repository (through
 the contract tests and a two-task pipeline), a user's own task (LLaVA-format files written here, a
 registered scorer), a finished run extended by one more task, and the replay channel a method can
-ask for. Local Ray, real Ray Train + DeepSpeed, a real MLflow store."""
+ask for. Local Ray, real Ray Train + DeepSpeed, a real MLflow store. The three pipeline runs are in
+the slow tier (about 3 minutes on 2 cores)."""
 
 from __future__ import annotations
 
@@ -147,6 +148,7 @@ def test_a_method_in_one_file_outside_the_repository_passes_the_contract_tests(p
     assert n_tests >= 6 and f"{n_tests} passed" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_plugin_method_trains_a_two_task_pipeline_and_replays_stored_samples(two_task_run):
     res = two_task_run["results"]
     assert res["method"] == "throwaway" and res["tasks"] == ["ScienceQA", "Darkness"]
@@ -162,6 +164,7 @@ def test_the_plugin_method_trains_a_two_task_pipeline_and_replays_stored_samples
     assert (first["bias.0"] == second["bias.0"]).all()  # the frozen task stayed frozen
 
 
+@pytest.mark.slow
 def test_a_user_task_is_read_trained_and_scored_by_its_scorer(two_task_run):
     out = two_task_run["out"]
     report = json.loads((out / "stages" / "00-data" / "data_report.json").read_text())
@@ -175,6 +178,7 @@ def test_a_user_task_is_read_trained_and_scored_by_its_scorer(two_task_run):
     assert two_task_run["results"]["matrix"][1][1] == pytest.approx(want)
 
 
+@pytest.mark.slow
 def test_a_finished_run_extends_to_a_third_task_and_only_the_new_stages_run(two_task_run):
     before = two_task_run
     proc = run_pipeline(before["out"], before["cache"], *[a.replace("tasks=[ScienceQA,Darkness]",

@@ -230,14 +230,24 @@ def test_fwt_needs_isolation_for_every_row() -> None:
         M.fwt(A3, [1.0, 2.0])
 
 
-def test_data_modules_do_not_import_ray() -> None:
-    """Scorers and metrics never import ray; the reader, checker and CLI only when a Ray
-    Dataset is asked for."""
+def test_the_core_imports_no_ray() -> None:
+    """Nothing under pipeline/ imports Ray (only stages/ and the entry point do): importing every
+    core module leaves ``ray`` out of sys.modules, and no source line imports it."""
+    import pkgutil
+    import re
     import subprocess
     import sys
+    from pathlib import Path
 
-    code = ("import sys, pipeline.scoring.metrics, pipeline.scoring.scorers, pipeline.data.coin, "
-            "pipeline.data.check, pipeline.data.cli; print('ray' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    root = Path(__file__).resolve().parents[1]
+    import pipeline
+
+    modules = sorted(m.name for m in pkgutil.walk_packages(pipeline.__path__, "pipeline.") if m.name != "pipeline.main")
+    assert {"pipeline.config", "pipeline.scoring.scorers", "pipeline.scoring.metrics", "pipeline.data.coin",
+            "pipeline.training.loop", "pipeline.methods.registry", "pipeline.tasks"} <= set(modules)
+    code = f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=str(root))
     assert out.stdout.strip() == "False"
+    pattern = re.compile(r"^\s*(import ray|from ray)\b", re.M)
+    offenders = [str(p) for p in (root / "pipeline").rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []

@@ -137,10 +137,16 @@ def run_score(args: argparse.Namespace) -> int:
     from pipeline.data.coin import DataError, parse_records
     from pipeline.scoring.scorers import score_task
 
-    result = parse_records(_read_json(args.answers), args.task, "test", args.answers)
+    from pipeline.scoring.scorers import COIN_SCORERS, scorer_info
+
+    scorer = args.scorer or COIN_SCORERS.get(args.task)
+    if scorer is None:
+        raise ValueError(f"task {args.task!r} is not a CoIN task: give --scorer")
+    result = parse_records(_read_json(args.answers), args.task, "test", args.answers,
+                           box_answers=scorer_info(scorer).answers == "box")
     if result.bad:
         raise DataError(result.bad[0])
-    scored = score_task(args.task, result.rows, read_predictions(args.predictions))
+    scored = score_task(args.task, result.rows, read_predictions(args.predictions), scorer=scorer)
     _print({"task": scored.task, "score": scored.score, "count": scored.count, "unparseable": scored.unparseable})
     return 0
 
@@ -170,8 +176,15 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                    help='{"tasks": [...], "matrix": [[row t], ...], "isolation": [...] (optional, enables FWT)}')
     p.set_defaults(func=_guarded(run_metrics))
 
-    p = subparsers.add_parser("score", help="score a LLaVA answer file against a CoIN test file")
-    p.add_argument("--task", required=True, choices=COIN_TASKS)
+    from pipeline.scoring.scorers import SCORERS
+
+    p = subparsers.add_parser(
+        "score", help="score a LLaVA answer file against a CoIN (or your own task's) test file",
+        epilog="scorers (data.custom_tasks.<Task>.scorer):\n" + "\n".join(f"  {s.name:<7} {s.help}" for s in SCORERS.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, help=f"the task name ({', '.join(COIN_TASKS)} or your own with --scorer)")
+    p.add_argument("--scorer", choices=sorted(SCORERS), default=None,
+                   help="how answers are scored (default: the CoIN task's own scorer)")
     p.add_argument("--answers", required=True, metavar="TEST.json", help="the task's CoIN test/val JSON")
     p.add_argument("--predictions", required=True, metavar="PRED.jsonl", help='lines {"question_id": ..., "text": ...}')
     p.set_defaults(func=_guarded(run_score))
