@@ -16,4 +16,6 @@ RESULTS_FILE = "results.json"
 MATRIX_JSON = "accuracy_matrix.json"
 MATRIX_CSV = "accuracy_matrix.csv"
 MATRIX_PNG = "accuracy_matrix.png"
-RUN_LOG = "run.log"  # everything the run printed, and Ray's driver-side logs
+RUN_LOG = "run.log"
+DONE_FILE = "DONE.json"  # a stage's completion marker (sha256 of every output)
+ERROR_FILE = "ERROR.txt"  # a failed stage's traceback  # everything the run printed, and Ray's driver-side logs

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection
 
 from pipeline.config import ExperimentConfig
+from stages.artifacts import DONE_FILE, ERROR_FILE
 from stages.schedules import Stage, schedule_for
 
 
@@ -76,14 +77,14 @@ class DagExecutor:
         try:
             result = self.run_one(stage, stage_dir, run_id) | {"mlflow_run_id": run_id}
         except BaseException as exc:
-            (stage_dir / "ERROR.txt").write_text("".join(traceback.format_exception(exc)))
+            (stage_dir / ERROR_FILE).write_text("".join(traceback.format_exception(exc)))
             self.tracker.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:4000])
             self.tracker.end(run_id, ok=False)
             raise
         wall = time.time() - t0
         marker = self.rundir.complete(stage.id, wall_s=wall, result=result)
         self.tracker.log_metrics(run_id, {"stage_wall_s": wall})
-        self.tracker.log_artifact(run_id, stage_dir / "DONE.json")
+        self.tracker.log_artifact(run_id, stage_dir / DONE_FILE)
         self.tracker.end(run_id, ok=True)
         self.log(f"[{i}/{n}] {stage.id}: done in {wall:.1f}s {_summary(result)}".rstrip())
         return marker

@@ -7,6 +7,7 @@ from typing import Any
 
 from pipeline.config import ExperimentConfig
 from stages.dag import describe_dag
+from stages.schedules import schedule_for
 
 
 def count_method(cfg: ExperimentConfig, name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -17,7 +18,7 @@ def count_method(cfg: ExperimentConfig, name: str, options: dict[str, Any]) -> d
     lmm = build_lmm(cfg.model, meta=True)
     guide = build_guide(cfg.model, meta=True)
     method = build_method(name, dict(options), lmm, guide)
-    if getattr(method, "schedule", "sequential") != "none":
+    if schedule_for(method.schedule).trains:
         method.begin_task(0, cfg.tasks[0])
     # counted after the method attached itself: LoRA blocks live inside the LMM's modules
     c = count_parameters(lmm, guide, method.trainable_parameters())
@@ -31,9 +32,9 @@ def count_method(cfg: ExperimentConfig, name: str, options: dict[str, Any]) -> d
 def train_settings_lines(cfg: ExperimentConfig, schedule: str) -> list[str]:
     """The training settings of every train stage (per task for a sequential run)."""
     world = cfg.train.num_workers
-    if schedule == "none":
+    if not schedule_for(schedule).trains:
         return ["Training: none (this method trains nothing)"]
-    if schedule != "sequential":
+    if not schedule_for(schedule).is_continual():
         return [f"Training ({schedule}, one stage over all tasks): {cfg.stage_train(None).describe(world)}"]
     width = max(len(t) for t in cfg.tasks)
     return ["Training per task:"] + [f"  {t:<{width}}  {cfg.stage_train(t).describe(world)}" for t in cfg.tasks]

@@ -24,7 +24,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline.config import ExperimentConfig
-from stages.artifacts import META_FILE
+from stages.artifacts import META_FILE, PROGRESS_FILE
 from stages.common import BaseModels
 from stages.train import TrainJob, _collect, _Tail, scaling_config, worker_job
 from stages.train_worker import WorkerJob, run_job
@@ -170,7 +170,7 @@ class ResidentTrainer:
             ) -> dict[str, Any]:
         config = worker_job(self.cfg, job, base)
         config.fit_started = time.time()
-        tail = _Tail(job.stage_dir / "progress.jsonl", on_progress)
+        tail = _Tail(job.stage_dir / PROGRESS_FILE, on_progress)
         t0 = time.time()
         try:
             ray.get(self.board.post.remote(config))

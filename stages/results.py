@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from pipeline.figures import heatmap
+from pipeline.methods.protocol import SEQUENTIAL
 from pipeline.scoring.metrics import all_metrics
 from stages.artifacts import MATRIX_CSV, MATRIX_JSON, MATRIX_PNG, RESULTS_FILE
 from stages.rundir import write_json_atomic
@@ -79,11 +80,9 @@ class RunResults:
             "stage_wall_s": {sid: round(m["wall_s"], 2) for sid, m in markers.items()},
             "stage_overhead_s": overhead, "run_wall_s": round(wall, 2),
             "invocation_wall_s": round(this_wall, 2), "invocations": len(earlier) + 1, "run_dir": str(root),
+            # the method's own summary of the last evaluation (``diagnostics``), e.g. ModalPrompt's
+            # top-1 own-task selection rate
             "diagnostics": summary, "diagnostics_lines": diag.get("lines", []),
-            # ModalPrompt's selection summary under its historical keys
-            "top1_own_task": {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith("top1_own_task/")}
-            or None,
-            "top1_own_task_mean": summary.get("top1_own_task_mean"),
         }
         write_json_atomic(root / RESULTS_FILE, results)
         (root / MATRIX_JSON).write_text(json.dumps({"tasks": tasks, "matrix": matrix}, indent=2))
@@ -108,7 +107,7 @@ def format_results(results: dict[str, Any]) -> str:
     width = max(len(t) for t in tasks) + 2
     lines = [f"Accuracy matrix ({results['method']}, percent; row = after training task, col = evaluated task)"]
     lines.append(" " * width + "".join(f"{t[:9]:>10}" for t in tasks))
-    labels = tasks if results["schedule"] == "sequential" else [results["schedule"]]
+    labels = tasks if results["schedule"] == SEQUENTIAL else [results["schedule"]]
     for label, row in zip(labels, results["matrix"]):
         lines.append(f"{label:<{width}}" + "".join(f"{v:>10.2f}" for v in row))
     m = results["metrics"]

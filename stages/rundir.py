@@ -35,6 +35,8 @@ from typing import Any, Callable
 
 import yaml
 
+from stages.artifacts import DONE_FILE
+
 
 class RunDirError(RuntimeError):
     pass
@@ -172,7 +174,7 @@ class RunDir:
     def finished_stages(self) -> list[str]:
         """Stages with a completion marker (verified or not: a damaged one still counts)."""
         stages = self.root / "stages"
-        return sorted({p.relative_to(stages).parts[0] for p in stages.rglob("DONE.json")}) if stages.is_dir() else []
+        return sorted({p.relative_to(stages).parts[0] for p in stages.rglob(DONE_FILE)}) if stages.is_dir() else []
 
     def _lock(self) -> bool:
         """Hold ``DIR/run.lock`` for as long as this object lives; False if another process (or
@@ -237,7 +239,7 @@ class RunDir:
         return self.root / "stages" / stage_id
 
     def marker(self, stage_id: str) -> Path:
-        return self.stage_dir(stage_id) / "DONE.json"
+        return self.stage_dir(stage_id) / DONE_FILE
 
     def completed(self, stage_id: str) -> dict[str, Any] | None:
         """The stage's marker if the stage is complete and its outputs verify, else None.
@@ -275,7 +277,7 @@ class RunDir:
         files = {
             str(p.relative_to(d)): sha256_file(p)
             for p in sorted(d.rglob("*"))
-            if p.is_file() and p.name != "DONE.json"
+            if p.is_file() and p.name != DONE_FILE
         }
         marker = {"stage": stage_id, "files": files, "wall_s": wall_s, "result": result or {}, "finished": time.time()}
         write_json_atomic(self.marker(stage_id), marker)

@@ -21,6 +21,7 @@ from stages.context import RunContext
 from stages.kinds import STAGE_KINDS
 from stages.results import RunResults, format_results  # noqa: F401 - format_results: the CLI's import
 from stages.rundir import RunDir, git_commit
+from pipeline.methods.protocol import SEQUENTIAL
 from stages.schedules import schedule_for
 from stages.tracking import Tracker, flatten
 
@@ -142,7 +143,7 @@ def resident_plan(cfg: ExperimentConfig, cluster: dict[str, float], schedule: st
     are sized per stage)."""
     if not cfg.resources.resident_train:
         return False, "resources.resident_train is off"
-    if schedule != "sequential" or len(cfg.tasks) < 2:
+    if schedule != SEQUENTIAL or len(cfg.tasks) < 2:
         return False, f"a {schedule} run with {len(cfg.tasks)} task(s) has at most one train stage"
     if trial:
         return False, "a sweep trial runs one fit per train stage"

@@ -73,7 +73,7 @@ class TrainJob:
 
 def stage_settings(cfg: ExperimentConfig, task_name: str, schedule: str) -> StageTrain:
     """A sequential stage trains one task with that task's settings; a joint stage the global ones."""
-    return cfg.stage_train(task_name if schedule == "sequential" else None)
+    return cfg.stage_train(task_name if schedule == SEQUENTIAL else None)
 
 
 def total_micro_steps(settings: StageTrain, num_rows: int, world: int) -> int:

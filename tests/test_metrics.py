@@ -1,6 +1,6 @@
 """Metrics against hand-computed cases and the published matrices of both seed papers.
 
-Matrices are transcribed from shared/seeds: ModalPrompt paper Table 10 (Finetune, MoELoRA,
+Matrices are transcribed from the papers: ModalPrompt paper Table 10 (Finetune, MoELoRA,
 ModalPrompt) and Table 11 (L2P, DualPrompt, CODA-Prompt); ProgLoRA paper Tables 6-8.
 Published rounding is to 0.01, so we compare with a 0.02 tolerance.
 """

@@ -1,4 +1,4 @@
-"""ModalPrompt-specific behaviour (shared/docs/methods.md, "ModalPrompt"), on the tiny random-init
+"""ModalPrompt-specific behaviour (the paper, Sec. 3), on the tiny random-init
 LMM/guide of the contract tests. Prototypes are set by hand where a test needs a known ranking:
 with Proj_p's last layer zeroed, the prototype is exactly that layer's bias."""
 

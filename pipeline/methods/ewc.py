@@ -1,8 +1,8 @@
 """EWC on the sequential LoRA adapter: the regularisation baseline.
 
 Paper: J. Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks" (PNAS 2017);
-an MCIT baseline in CoIN and ModalPrompt (shared/docs/methods.md: "EWC: quadratic penalty with the
-diagonal Fisher of previous tasks").
+an MCIT baseline in CoIN and ModalPrompt (a quadratic penalty with the diagonal Fisher of the
+previous tasks).
 
 The LoRA adapter of ``lora`` (same targets, same options) trains task after task. After task s
 (the ``consolidate`` hook, one pass over the task's training data) the method keeps, per adapter

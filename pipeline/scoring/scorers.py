@@ -1,4 +1,5 @@
-"""One scorer per CoIN task, as shared/docs/coin.md specifies them.
+"""The scorers, by name (``SCORERS``), and the one each CoIN task uses (``COIN_SCORERS``), as CoIN's
+official evaluation code scores them; a user's task names one in ``data.custom_tasks.<Task>.scorer``.
 
 Predictions are matched to ground truth by question_id, never by position. Every test record
 needs exactly one prediction: missing or extra question_ids are a ``ScoringError`` that names
@@ -244,7 +245,7 @@ SCORERS: dict[str, Scorer] = {s.name: s for s in (
     Scorer("iou", _score_grounding, "box", "box IoU with `answer_bbox` > 0.5 (Grounding)"),
 )}
 
-# the scorer of each CoIN task (CoIN's own evaluation code decides; docs/coin-scoring.md)
+# the scorer of each CoIN task (where the task description and CoIN's evaluation code differ, the code decides)
 COIN_SCORERS: dict[str, str] = {
     "ScienceQA": "letter", "TextVQA": "vqa", "ImageNet": "label", "GQA": "gqa", "VizWiz": "exact",
     "Grounding": "iou", "VQAv2": "exact", "OCRVQA": "exact",

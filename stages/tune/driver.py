@@ -221,7 +221,7 @@ def run_tune(cfg: ExperimentConfig, output: Path | None = None, resume: bool = F
 def _warn_oversubscription(cfg: ExperimentConfig) -> None:
     """Tune does not see the CPUs a trial's stages take (its function asks for none): warn when
     ``max_concurrent`` pipelines would take every CPU and leave none for Ray Data's tasks, the
-    hang seen on 2-CPU machines (shared/docs/environment.md)."""
+    hang seen on 2-CPU machines (docs/troubleshooting.md)."""
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0.0)

@@ -17,8 +17,8 @@ running it in an actor with its own scheduling strategy escapes that. The trial 
 requests no CPU (``tune.cpus_per_trial: 0``; Tune refuses an empty bundle, so the request is a
 token 1 MiB of the ``memory`` resource) and the stages request what they use (Train workers:
 ``train.cpus_per_worker``; Ray Data decode/eval: ``eval.cpus_per_actor`` ...). Reserving a CPU for
-the idle trial function instead starves Ray Data on a 2-CPU machine (see
-shared/docs/environment.md).
+the idle trial function instead starves Ray Data on a 2-CPU machine (measured on the project's
+2-CPU machines).
 
 Stopping: after each evaluation but the last the pipeline blocks until Tune has taken the report
 (Tune's function API is synchronous; a trial's pipeline therefore never overlaps evaluate(t) with
@@ -26,7 +26,7 @@ train(t+1), see ``PipelineRun.run``); the last evaluation is reported once the p
 written its results. When ASHA stops a trial, nothing is running in its pipeline (no Train worker
 group, no Ray Data actor pool): the trial function kills its pipeline actor and the sweep driver
 marks the MLflow runs it left open KILLED. Killing a trial in the middle of a Ray Train fit is
-what leaked CPUs before (shared/docs/environment.md): Train v2 removes a dead controller's worker
+what leaked CPUs before (measured on the project's 2-CPU machines): Train v2 removes a dead controller's worker
 placement group through a detached cleaner that polls the State API, which is unavailable without
 the dashboard ("Failed to query Ray Train Controller actor state"), so the group stayed reserved.
 """
