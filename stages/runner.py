@@ -199,7 +199,7 @@ class PipelineRun:
         ctx = RunContext(cfg=cfg, rundir=rundir, tracker=tracker, schedule=schedule_for(self.schedule),
                          stages=self.stages, source=data_source(cfg), log=self.log, on_evaluated=self.on_evaluated)
         ctx.results = RunResults(ctx)
-        self.ctx = ctx
+        self.ctx, self.rundir, self.tracker = ctx, rundir, tracker
         overlap, why = overlap_plan(cfg, ray.cluster_resources())
         if overlap and self.on_evaluated is not None:  # e.g. a Ray Tune trial
             # each evaluation is reported before the next task trains, so that a scheduler

@@ -44,20 +44,11 @@ from stages.tune import (
     trial_count,
     tune_help_epilog,
 )
+from tests.helpers import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-TINY = [
-    "data.synth.train_per_task=32",
-    "data.synth.test_per_task=16",
-    "data.synth.pretrain_records=200",
-    "data.synth.pretrain_skill_per_task=20",
-    "model.pretrain.lmm_steps=20",
-    "model.pretrain.guide_steps=10",
-    "train.epochs=1",
-    "resources.num_cpus=2",
-    "resources.object_store_mb=200",
-]
+TINY = [*SMALL, "resources.object_store_mb=200"]  # the reduced embedded default
 
 
 # ----------------------------------------------------------------------------------------------

@@ -73,3 +73,18 @@ def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = None) -
         return
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield
+
+
+def initial_prompts(table: torch.Tensor, m: int, how: str) -> torch.Tensor:
+    """(m, d) float32 initial prompt tokens from the LLM's (V, d) token-embedding table (global RNG).
+
+    "vocab": rows ``table[j]`` for m ids j drawn uniformly from [0, V), with replacement, as the
+    reference copies ``embed_tokens.weight[np.random.randint(vocab_size)]`` into each new prompt
+    token. "mean": the table's mean row plus N(0, (0.1 * std)^2) noise, std over the whole table."""
+    table = table.detach()
+    with torch.no_grad():
+        if how == "vocab":
+            ids = torch.randint(table.shape[0], (m,), device=table.device)
+            return table[ids].float()
+        mean, std = table.float().mean(dim=0), table.float().std()
+        return mean.expand(m, -1) + 0.1 * std * torch.randn(m, table.shape[1], device=table.device)
