@@ -13,7 +13,7 @@ from pipeline.config import ExperimentConfig
 from pipeline.data import storage
 from pipeline.data.coin import decode_image, parse_records
 from stages.artifacts import BASE_FILE
-from stages.common import BaseModels, synth_root
+from stages.common import BaseModels, JsonlTail, synth_root
 
 
 def run(ctx, stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
@@ -83,7 +83,6 @@ def run_base_stage(cfg: ExperimentConfig, stage_dir: Path, log=None) -> tuple[Ba
                                "or give real model weights (model.kind: llava_hf)")
         import time
 
-        from stages.train import _Tail
 
         cpus = max(1.0, float(ray.available_resources().get("CPU", 1.0)))
         progress_file = stage_dir / "pretrain_progress.jsonl"
@@ -94,7 +93,7 @@ def run_base_stage(cfg: ExperimentConfig, stage_dir: Path, log=None) -> tuple[Ba
                 last[0] = time.time()
                 log("  " + pretrain_line(rows[-1]))
 
-        tail = _Tail(progress_file, show)
+        tail = JsonlTail(progress_file, show)
         try:
             out = ray.get(
                 # DEFAULT strategy: not captured by an enclosing placement group (e.g. a Tune trial's)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -115,3 +116,40 @@ def fill_deepspeed_config(
 
 def cfg_from_payload(payload: dict[str, Any]) -> ExperimentConfig:
     return config_from_dict(payload)
+
+
+def _tail(path: Path, on_rows: Callable[[list[dict]], None], stop: threading.Event) -> None:
+    pos = 0
+    while True:
+        finished = stop.is_set()
+        if path.exists():
+            with open(path) as fh:
+                fh.seek(pos)
+                chunk = fh.read()
+                # only consume complete lines
+                cut = chunk.rfind("\n") + 1
+                pos += cut
+                rows = [json.loads(line) for line in chunk[:cut].splitlines() if line.strip()]
+            if rows:
+                on_rows(rows)
+        if finished:
+            return
+        stop.wait(2.0)
+
+
+class JsonlTail:
+    """Tails a JSON-lines file (a train job's or the pre-training's progress) into
+    ``on_progress`` on a thread, every 2 s, while the job that writes it runs; ``close`` reads
+    what is left and stops."""
+
+    def __init__(self, path: Path, on_progress: Callable[[list[dict]], None] | None):
+        self.stop = threading.Event()
+        self.thread = None
+        if on_progress is not None:
+            self.thread = threading.Thread(target=_tail, args=(path, on_progress, self.stop), daemon=True)
+            self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)

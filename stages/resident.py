@@ -25,8 +25,8 @@ from ray.train.torch import TorchTrainer
 
 from pipeline.config import ExperimentConfig
 from stages.artifacts import META_FILE, PROGRESS_FILE
-from stages.common import BaseModels
-from stages.train import TrainJob, _collect, _Tail, scaling_config, worker_job
+from stages.common import BaseModels, JsonlTail
+from stages.train import TrainJob, collect_final, scaling_config, worker_job
 from stages.train_worker import WorkerJob, run_job
 
 
@@ -170,7 +170,7 @@ class ResidentTrainer:
             ) -> dict[str, Any]:
         config = worker_job(self.cfg, job, base)
         config.fit_started = time.time()
-        tail = _Tail(job.stage_dir / PROGRESS_FILE, on_progress)
+        tail = JsonlTail(job.stage_dir / PROGRESS_FILE, on_progress)
         t0 = time.time()
         try:
             ray.get(self.board.post.remote(config))
@@ -181,7 +181,7 @@ class ResidentTrainer:
                     ) from self.error
         finally:
             tail.close()
-        return _collect(self.storage / self.name / _final_dir(job.id), job, time.time() - t0)
+        return collect_final(self.storage / self.name / _final_dir(job.id), job, time.time() - t0)
 
     def close(self, timeout: float = 120.0) -> None:
         """Let the workers return and the fit end (a job in progress finishes first)."""

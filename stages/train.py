@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,28 +29,9 @@ from ray.train.torch import TorchTrainer
 from pipeline.config import ExperimentConfig, StageTrain
 from pipeline.methods.protocol import SEQUENTIAL
 from stages.artifacts import META_FILE, PROGRESS_FILE, RAY_TRAIN_DIR, SKIPPED_FILE, STATE_FILE
-from stages.common import BaseModels, load_state, save_state
+from stages.common import BaseModels, JsonlTail, load_state, save_state
 from stages.datasets import read_dataset
 from stages.train_worker import WorkerJob, train_loop_per_worker
-
-def _tail(path: Path, on_rows: Callable[[list[dict]], None], stop: threading.Event) -> None:
-    pos = 0
-    while True:
-        finished = stop.is_set()
-        if path.exists():
-            with open(path) as fh:
-                fh.seek(pos)
-                chunk = fh.read()
-                # only consume complete lines
-                cut = chunk.rfind("\n") + 1
-                pos += cut
-                rows = [json.loads(line) for line in chunk[:cut].splitlines() if line.strip()]
-            if rows:
-                on_rows(rows)
-        if finished:
-            return
-        stop.wait(2.0)
-
 
 @dataclass
 class TrainJob:
@@ -141,7 +121,7 @@ def scaling_config(cfg: ExperimentConfig) -> ScalingConfig:
                          resources_per_worker=resources)
 
 
-def _collect(checkpoint_dir: Path, job: TrainJob, fit_s: float) -> dict[str, Any]:
+def collect_final(checkpoint_dir: Path, job: TrainJob, fit_s: float) -> dict[str, Any]:
     """Copy the job's final checkpoint into its stage directory; the stage result."""
     meta = json.loads((checkpoint_dir / META_FILE).read_text())
     if not meta.get("final") or meta.get("job", job.id) != job.id:
@@ -158,22 +138,6 @@ def _collect(checkpoint_dir: Path, job: TrainJob, fit_s: float) -> dict[str, Any
         "samples_per_s": progress.get("samples_per_s"), "fit_s": fit_s, "train_records": job.num_rows,
         "resumed_from_step": progress.get("resumed_from_step", 0),
     }
-
-
-class _Tail:
-    """Tails a job's progress file into ``on_progress`` on a thread while the job runs."""
-
-    def __init__(self, path: Path, on_progress: Callable[[list[dict]], None] | None):
-        self.stop = threading.Event()
-        self.thread = None
-        if on_progress is not None:
-            self.thread = threading.Thread(target=_tail, args=(path, on_progress, self.stop), daemon=True)
-            self.thread.start()
-
-    def close(self) -> None:
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join(timeout=10)
 
 
 def run_train_stage(cfg: ExperimentConfig, *, job: TrainJob, dataset: "ray.data.Dataset", base: BaseModels,
@@ -198,7 +162,7 @@ def run_train_stage(cfg: ExperimentConfig, *, job: TrainJob, dataset: "ray.data.
         ),
     )
     wjob.fit_started = time.time()
-    tail = _Tail(stage_dir / PROGRESS_FILE, on_progress)
+    tail = JsonlTail(stage_dir / PROGRESS_FILE, on_progress)
     t0 = time.time()
     try:
         result = trainer.fit()
@@ -208,7 +172,7 @@ def run_train_stage(cfg: ExperimentConfig, *, job: TrainJob, dataset: "ray.data.
     if result.checkpoint is None:
         raise RuntimeError(f"train stage for {job.task_name}: Ray Train finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
-        return _collect(Path(d), job, fit_s)
+        return collect_final(Path(d), job, fit_s)
 
 
 # ----------------------------------------------------------------------------------------------
