@@ -166,3 +166,55 @@ def test_check_data_on_s3(tmp_path: Path, capsys: pytest.CaptureFixture, s3_env:
     assert out["tasks"]["Grounding"]["test"]["file"] == f"s3://{s3_env}/coin/Instructions_Original/Grounding/test.json"
     assert out["tasks"]["ScienceQA"]["test"]["images_decoded"] == 2
     assert FAKE_SECRET not in json.dumps(out) + err
+
+
+def _escaping_train(tmp_path: Path) -> list[dict]:
+    """ScienceQA train records trying every way out of the image root (good ones first and last);
+    on disk the root holds a link to a file and a link to a folder outside it."""
+    outside = tmp_path / "outside"
+    (outside / "dir").mkdir(parents=True)
+    for name in ("secret.png", "dir/x.png"):
+        (outside / name).write_bytes((tmp_path / "images" / "sqa" / "1.png").read_bytes())
+    (tmp_path / "images" / "link.png").symlink_to(outside / "secret.png")
+    (tmp_path / "images" / "linkdir").symlink_to(outside / "dir", target_is_directory=True)
+    return [GOOD, {**GOOD, "id": "abs", "image": str(outside / "secret.png")},
+            {**GOOD, "id": "up", "image": "../outside/secret.png"}, {**GOOD, "id": "filelink", "image": "link.png"},
+            {**GOOD, "id": "dirlink", "image": "linkdir/x.png"}, {**GOOD, "id": "ok2", "image": "sqa/2.png"}]
+
+
+def test_check_data_refuses_every_way_out_of_the_image_root(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_coin_layout(tmp_path)
+    files = {"ScienceQA/train.json": _escaping_train(tmp_path), "ScienceQA/test.json": FILES["ScienceQA/test.json"]}
+    write_coin_layout(tmp_path, files)
+    code, out, err = run(capsys, "check-data", "--root", str(tmp_path), "--image-root", str(tmp_path / "images"),
+                         "--tasks", "ScienceQA")
+    assert code == 1 and out["ok"] is False and "Traceback" not in err
+    entry = out["tasks"]["ScienceQA"]["train"]
+    assert (entry["records"], entry["valid"], entry["images_decoded"]) == (6, 2, 2)
+    assert [(b["index"], b["id"], b["field"]) for b in entry["bad"]] == [
+        (1, "abs", "image"), (2, "up", "image"), (3, "filelink", "image"), (4, "dirlink", "image")]
+    reasons = [b["reason"] for b in entry["bad"]]
+    assert "absolute path" in reasons[0] and "contains '..'" in reasons[1]
+    assert all("outside the image root" in r for r in reasons[2:])
+    assert all(b["file"] == entry["file"] for b in entry["bad"])
+
+
+def test_check_data_on_s3_refuses_keys_out_of_the_root(tmp_path: Path, capsys: pytest.CaptureFixture, s3_env: str,
+                                                        s3_server: str) -> None:
+    """An object store has no links, but absolute and '..' keys are refused the same way (the object
+    the '..' key would reach exists, next to the image prefix)."""
+    write_coin_layout(tmp_path)
+    (tmp_path / "secret.png").write_bytes((tmp_path / "images" / "sqa" / "1.png").read_bytes())
+    train = [GOOD, {**GOOD, "id": "up", "image": "../secret.png"}, {**GOOD, "id": "deep", "image": "sqa/../../secret.png"},
+             {**GOOD, "id": "abs", "image": "/secret.png"}, {**GOOD, "id": "url", "image": f"s3://{s3_env}/coin/secret.png"}]
+    write_coin_layout(tmp_path, {"ScienceQA/train.json": train, "ScienceQA/test.json": FILES["ScienceQA/test.json"]})
+    upload_tree(tmp_path, s3_env, "coin", s3_server)
+    code, out, err = run(capsys, "check-data", "--root", f"s3://{s3_env}/coin", "--image-root", f"s3://{s3_env}/coin/images",
+                         "--tasks", "ScienceQA")
+    assert code == 1 and out["image_files"] == 6
+    entry = out["tasks"]["ScienceQA"]["train"]
+    assert entry["valid"] == 1
+    assert [(b["index"], b["id"], b["field"]) for b in entry["bad"]] == [
+        (1, "up", "image"), (2, "deep", "image"), (3, "abs", "image"), (4, "url", "image")]
+    assert entry["bad"][0]["file"] == f"s3://{s3_env}/coin/Instructions_Original/ScienceQA/train.json"
+    assert FAKE_SECRET not in json.dumps(out) + err

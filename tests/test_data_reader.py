@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.data.coin import (
     CoinSource,
@@ -139,6 +140,63 @@ def test_bad_input_names_file_record_and_field(tmp_path: Path, case: tuple) -> N
         assert f"record {index} (id={rid if rid is not None else '?'})" in message
     if field is not None:
         assert f"field '{field}'" in message
+
+
+# ---- image paths stay inside the image root ---------------------------------------------------
+
+
+def _escape_layout(tmp_path: Path) -> tuple[CoinSource, list[dict]]:
+    """A layout whose image root holds a link to a file outside it, a link to a folder outside it
+    and a link that stays inside; the records try every way out (and the harmless link)."""
+    source = write_coin_layout(tmp_path, {})
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    (outside / "dir").mkdir(parents=True)
+    for target in (outside / "secret.png", outside / "dir" / "x.png"):
+        Image.new("RGB", (4, 4), (1, 2, 3)).save(target)
+    (images / "link.png").symlink_to(outside / "secret.png")
+    (images / "linkdir").symlink_to(outside / "dir", target_is_directory=True)
+    (images / "sqa" / "inside.png").symlink_to(images / "sqa" / "1.png")
+    records = [GOOD, _with(id="abs", image=str(outside / "secret.png")), _with(id="up", image="sqa/../../outside/secret.png"),
+               _with(id="filelink", image="link.png"), _with(id="dirlink", image="linkdir/x.png"),
+               _with(id="in", image="sqa/inside.png")]
+    return source, records
+
+
+ESCAPES = [(1, "abs", "absolute path"), (2, "up", "contains '..'"),
+           (3, "filelink", "outside the image root"), (4, "dirlink", "outside the image root")]
+
+
+@pytest.mark.parametrize("index, rid, reason", ESCAPES, ids=[e[1] for e in ESCAPES])
+def test_every_way_out_of_the_image_root_is_refused(tmp_path: Path, index: int, rid: str, reason: str) -> None:
+    source, records = _escape_layout(tmp_path)
+    files = {"ScienceQA/train.json": [records[0], records[index]]}
+    source = write_coin_layout(tmp_path, files)
+    with pytest.raises(DataError) as info:
+        load_records(source, "ScienceQA", "train")
+    e = info.value
+    assert (e.file, e.index, e.id, e.field) == (f"{source.instructions_root}/ScienceQA/train.json", 1, rid, "image")
+    assert reason in e.reason and f"record 1 (id={rid}) field 'image'" in str(e)
+    if "link" in rid:  # the message says where the link leads
+        assert str(tmp_path / "outside") in e.reason
+
+
+def test_links_out_are_skipped_and_listed_links_inside_are_read(tmp_path: Path) -> None:
+    source, records = _escape_layout(tmp_path)
+    source = write_coin_layout(tmp_path, {"ScienceQA/train.json": records})
+    result = load_records(source, "ScienceQA", "train", on_bad="skip")
+    assert [r["id"] for r in result.rows] == ["ok", "in"]
+    assert [(b.index, b.id, b.field) for b in result.bad] == [(i, rid, "image") for i, rid, _ in ESCAPES]
+    rows = list(iter_decoded(source, "ScienceQA", "train", 4, on_bad="skip"))
+    assert [r["id"] for r in rows] == ["ok", "in"]
+    assert (rows[1]["image"] == np.array(COLORS["sqa/1.png"], dtype=np.uint8)).all()
+
+
+def test_a_root_reached_through_a_link_is_fine(tmp_path: Path) -> None:
+    """Only where a path ends up matters: an image root that is itself a link is resolved too."""
+    write_coin_layout(tmp_path)
+    (tmp_path / "alias").symlink_to(tmp_path / "images", target_is_directory=True)
+    source = CoinSource(str(tmp_path / "Instructions_Original"), str(tmp_path / "alias"))
+    assert [r["id"] for r in load_records(source, "ScienceQA", "train").rows] == ["sqa-1", "sqa-2"]
 
 
 def test_unknown_task_and_split(layout: CoinSource) -> None:

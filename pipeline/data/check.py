@@ -27,7 +27,7 @@ from pipeline.data.coin import (
 from pipeline.data.schema import COIN_TASKS, SPLITS
 
 
-def _decode_failures(source: CoinSource, result: LoadResult, *, label: str, workers: int,
+def _decode_failures(source: CoinSource, task: str, result: LoadResult, *, label: str, workers: int,
                      progress_every: int, log: TextIO) -> tuple[list[BadRecord], int]:
     """Decode each distinct image of ``result.rows`` once; a failure is reported for every
     record that uses the image. Returns (bad records, images decoded fine)."""
@@ -35,7 +35,7 @@ def _decode_failures(source: CoinSource, result: LoadResult, *, label: str, work
     for row in result.rows:
         if row["image_path"]:
             users[row["image_path"]].append(row)
-    fs, root = storage.resolve(source.image_root)
+    fs, root = storage.resolve(source.image_root_for(task))
 
     def attempt(path: str) -> str | None:
         try:
@@ -70,7 +70,7 @@ def check_split(source: CoinSource, task: str, split: str, *, image_files: Colle
     }
     bad = list(result.bad)
     if decode and result.rows:
-        failed, decoded = _decode_failures(source, result, label=f"{task}/{split}", workers=workers,
+        failed, decoded = _decode_failures(source, task, result, label=f"{task}/{split}", workers=workers,
                                            progress_every=progress_every, log=log)
         bad += failed
         entry["images_decoded"] = decoded

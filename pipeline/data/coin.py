@@ -162,10 +162,9 @@ def _image_path(rec: dict) -> str:
     value = rec["image"]
     if not isinstance(value, str) or not value:
         raise _FieldError("image", "must be a non-empty relative path string")
-    if value.startswith(("/", "\\")) or "://" in value or (len(value) > 1 and value[1] == ":"):
-        raise _FieldError("image", f"absolute path {value!r} escapes the image root")
-    if ".." in value.replace("\\", "/").split("/"):
-        raise _FieldError("image", f"path {value!r} contains '..' and escapes the image root")
+    why = storage.lexical_escape(value)
+    if why is not None:
+        raise _FieldError("image", why)
     return posixpath.normpath(value)
 
 
@@ -316,7 +315,9 @@ def scan_split(source: CoinSource, task: str, split: str, *, image_files: Collec
     """Validate one split completely and collect every bad record (never raises for data).
 
     ``image_files`` is a listing from ``list_images`` to reuse across splits; without it the
-    image root is listed once here. Rows whose image is missing are moved to ``bad``.
+    image root is listed once here. Rows whose image is missing, or whose path leads out of the
+    image root once resolved (symbolic links included, see ``storage.Confinement``), are moved
+    to ``bad``.
     """
     file, records, problem = _read_file(source, task, split)
     if problem is not None:
@@ -327,13 +328,17 @@ def scan_split(source: CoinSource, task: str, split: str, *, image_files: Collec
         return result
     own_root = spec.image_root is not None
     files = image_files if image_files is not None and not own_root else list_images(source, task)
+    confinement = storage.Confinement(*storage.resolve(source.image_root_for(task)))
     kept = []
     for row in result.rows:
-        if row["image_path"] and row["image_path"] not in files:
-            result.bad.append(BadRecord(file, row["index"], row["id"], "image",
-                                        f"image file {row['image_path']!r} not found under {source.image_root_for(task)}"))
-        else:
+        path = row["image_path"]
+        why = confinement.escape(path) if path else None
+        if why is None and path and path not in files:
+            why = f"image file {path!r} not found under {source.image_root_for(task)}"
+        if why is None:
             kept.append(row)
+        else:
+            result.bad.append(BadRecord(file, row["index"], row["id"], "image", why))
     result.rows = kept
     result.bad.sort(key=lambda b: -1 if b.index is None else b.index)
     return result
