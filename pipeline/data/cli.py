@@ -180,7 +180,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "score", help="score a LLaVA answer file against a CoIN (or your own task's) test file",
-        epilog="scorers (data.custom_tasks.<Task>.scorer):\n" + "\n".join(f"  {s.name:<7} {s.help}" for s in SCORERS.values()),
+        epilog="scorers (data.custom_tasks.<Task>.scorer):\n" + "\n".join(f"  {s.name:<9} {s.help}" for s in SCORERS.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, help=f"the task name ({', '.join(COIN_TASKS)} or your own with --scorer)")
     p.add_argument("--scorer", choices=sorted(SCORERS), default=None,
