@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 
 from pipeline.data.cli import add_subcommands
 from tests.s3_server import FAKE_SECRET, s3_env, s3_server, upload_tree  # noqa: F401 (fixtures)
-from tests.helpers import FILES, GOOD, MODALPROMPT_T10, write_coin_layout
+from tests.helpers import FILES, GOOD, MODALPROMPT_T10, ROOT, TEN, write_coin_layout
 
 TASKS = ["ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCRVQA"]
 
@@ -123,9 +125,16 @@ def test_check_data_good_layout(tmp_path: Path, capsys: pytest.CaptureFixture) -
     code, out, err = run(capsys, "check-data", "--root", str(tmp_path), "--image-root", str(tmp_path / "images"),
                          "--tasks", "ScienceQA", "TextVQA", "Grounding", "--progress-every", "1")
     assert code == 0 and out["ok"] is True and out["bad_count"] == 0 and out["image_files"] == 6
+    assert (out["records"], out["valid"]) == (9, 9)
     sqa = out["tasks"]["ScienceQA"]
-    assert sqa["train"] | {"bad": []} == {"file": str(tmp_path / "Instructions_Original/ScienceQA/train.json"),
-                                           "records": 2, "valid": 2, "images": 2, "images_decoded": 2, "bad": []}
+    assert sqa["train"] | {"warnings": []} == {"file": str(tmp_path / "Instructions_Original/ScienceQA/train.json"),
+                                                "records": 2, "valid": 2, "images": 2, "images_decoded": 2, "bad": [],
+                                                "warnings": []}
+    # sqa-2's free-text replies in a letter task are kept, with a warning each
+    assert [(w["index"], w["id"], w["field"]) for w in sqa["train"]["warnings"]] == [
+        (1, "sqa-2", "conversations[1].value"), (1, "sqa-2", "conversations[3].value")]
+    assert out["warning_count"] == 2 and "not an option letter" in sqa["train"]["warnings"][0]["reason"]
+    assert "check-data: 9 records, 9 valid, 0 bad, 2 warning(s)" in err
     assert out["tasks"]["TextVQA"]["test"]["images"] == 2
     assert "check-data: ScienceQA/train: 1/2 images decoded, 0 bad" in err
     assert "check-data: Grounding/test: 1/1 images decoded, 0 bad" in err
@@ -219,3 +228,68 @@ def test_check_data_on_s3_refuses_keys_out_of_the_root(tmp_path: Path, capsys: p
         (1, "up", "image"), (2, "deep", "image"), (3, "abs", "image"), (4, "url", "image")]
     assert entry["bad"][0]["file"] == f"s3://{s3_env}/coin/Instructions_Original/ScienceQA/train.json"
     assert FAKE_SECRET not in json.dumps(out) + err
+
+
+def _turns(question: str, answer: str) -> list[dict]:
+    return [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+
+
+def test_check_data_on_a_mixed_root_names_every_bad_record_and_counts_every_good_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Good records mixed with every bad kind (paths out of the root, answers that are empty, not in
+    the task's format or out of range): exit 1, every bad record named, every good one counted,
+    doubtful ones kept with a warning, no traceback (also through main.py in a subprocess)."""
+    write_coin_layout(tmp_path)
+    options = "Which?\nA. red\nB. blue\nC. green"
+    sqa_train = _escaping_train(tmp_path)[:5] + [
+        {**GOOD, "id": "empty", "conversations": _turns(options, "")},
+        {**GOOD, "id": "range", "conversations": _turns(options, "D")},
+        {**GOOD, "id": "free", "conversations": _turns(options, "It is red.")},  # a warning
+        {**GOOD, "id": "ok2", "conversations": _turns(options, "B")},
+    ]
+    q = {"image": "sqa/1.png", "text": options}
+    sqa_test = [{**q, "question_id": "q1", "answer": "A"}, {**q, "question_id": "word", "answer": "blue"},
+                {**q, "question_id": "range", "answer": "E"}, {**q, "question_id": "empty", "answer": ""}]
+    t = {"image": "text/a.png", "text": "What brand?"}
+    text_test = [{**t, "question_id": 1, "answer": "nike", "answers": TEN},
+                 {**t, "question_id": 2, "answer": "", "answers": [""] * 10},
+                 {**t, "question_id": 3, "answer": "nike", "answers": ["nike"] * 3}]  # a warning
+    g = {"image": "ref/g.png", "text": "Please provide the bounding box coordinate of the region this sentence describes: cat.",
+         "size": [16, 12]}
+    ground_test = [{**g, "question_id": "r1", "answer_bbox": "[0.1, 0.2, 0.5, 0.9]"},
+                   {**g, "question_id": "big", "answer_bbox": "[0.1, 0.2, 1.5, 0.9]"},
+                   {**g, "question_id": "flip", "answer_bbox": "[0.5, 0.2, 0.1, 0.9]"},
+                   {**g, "question_id": "text", "answer_bbox": "the cat"}]
+    ground_train = [FILES["Grounding/train.json"][0],
+                    {"id": "g-2", "image": "ref/g.png", "conversations": _turns("Please ...: dog.", "[0.1, 0.2, 0.5, -0.9]")}]
+    files = {"ScienceQA/train.json": sqa_train, "ScienceQA/test.json": sqa_test, "TextVQA/train.json": FILES["TextVQA/train.json"],
+             "TextVQA/val.json": text_test, "Grounding/train.json": ground_train, "Grounding/test.json": ground_test}
+    write_coin_layout(tmp_path, files)
+    argv = ["check-data", "--root", str(tmp_path), "--image-root", str(tmp_path / "images"),
+            "--tasks", "ScienceQA", "TextVQA", "Grounding", "--progress-every", "0"]
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out["ok"] is False and "Traceback" not in err
+    tasks = out["tasks"]
+
+    def named(task: str, split: str, key: str = "bad") -> list[tuple]:
+        return [(b["index"], b["id"], b["field"]) for b in tasks[task][split][key]]
+
+    assert named("ScienceQA", "train") == [(1, "abs", "image"), (2, "up", "image"), (3, "filelink", "image"),
+                                           (4, "dirlink", "image"), (5, "empty", "conversations[1].value"),
+                                           (6, "range", "conversations[1].value")]
+    assert named("ScienceQA", "train", "warnings") == [(7, "free", "conversations[1].value")]
+    assert named("ScienceQA", "test") == [(1, "word", "answer"), (2, "range", "answer"), (3, "empty", "answer")]
+    assert named("TextVQA", "test") == [(1, "2", "answers")] and named("TextVQA", "test", "warnings") == [(2, "3", "answers")]
+    assert named("Grounding", "train") == [(1, "g-2", "conversations[1].value")]
+    assert named("Grounding", "test") == [(1, "big", "answer_bbox"), (2, "flip", "answer_bbox"), (3, "text", "answer_bbox")]
+    valid = {(task, split): tasks[task][split]["valid"] for task in tasks for split in tasks[task]}
+    assert valid == {("ScienceQA", "train"): 3, ("ScienceQA", "test"): 1, ("TextVQA", "train"): 1, ("TextVQA", "test"): 2,
+                     ("Grounding", "train"): 1, ("Grounding", "test"): 1}
+    assert (out["records"], out["valid"], out["bad_count"], out["warning_count"]) == (23, 9, 14, 2)
+    every = [b for t in tasks.values() for sp in t.values() for b in sp["bad"]]
+    assert all(b["file"].startswith(str(tmp_path / "Instructions_Original")) and b["reason"] for b in every)
+    assert "check-data: 23 records, 9 valid, 14 bad, 2 warning(s) (exit 1)" in err
+
+    proc = subprocess.run([sys.executable, "pipeline/main.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["bad_count"] == 14

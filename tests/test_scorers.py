@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 
 from pipeline.scoring.scorers import (
+    SCORERS,
     ScoringError,
     box_iou,
+    listed_options,
     normalize_vqa_answer,
     parse_box,
     parse_option_letter,
@@ -244,3 +246,44 @@ def test_duplicates_and_bad_inputs() -> None:
         score_task("COCO", rows("GQA", {"1": "a"}), {"1": "a"})
     with pytest.raises(ScoringError, match="answer_bbox of question_id 1"):
         score_task("Grounding", rows("Grounding", {"1": {"answer_bbox": "[0.1, 0.2]"}}), {"1": "[0, 0, 1, 1]"})
+
+
+# ---- answer formats (each scorer's validate; the reader and check-data apply them) ----------------
+
+
+@pytest.mark.parametrize("question, want", [
+    ("Which?\nA. red\nB. blue\nC. green\nAnswer with the option's letter from the given choices directly.", "ABC"),
+    ("Which? (A) red (B) blue", "AB"), ("Which?\n(A) red\n(B) blue", "AB"), ("Which?\nA) red\nB) blue", "AB"),
+    ("Context: Vitamin C. is sour.\nWhich?\nA. x\nB. y", "AB"),  # an inline "C." is no option
+    ("What colour is it?", ""), ("Which?\nB. red\nC. blue", ""),  # no run from A: nothing to check against
+])
+def test_listed_options(question: str, want: str) -> None:
+    assert listed_options(question) == want
+
+
+def _problems(scorer: str, **row) -> list[tuple[str, bool]]:
+    base = {"split": "test", "human_turns": ["Q"], "gpt_turns": [], "answer": "", "answers": [], "answer_bbox": ""}
+    return [(p.field, p.error) for p in SCORERS[scorer].validate({**base, **row})]
+
+
+def test_validators_errors_and_warnings() -> None:
+    train = {"split": "train"}
+    # fine
+    assert _problems("letter", answer="B", human_turns=["Q?\nA. x\nB. y"]) == []
+    assert _problems("letter", answer="(C)") == []  # no options listed: the range is not checked
+    assert _problems("vqa", answers=["x"] * 10) == [] and _problems("vqa", answer="x") == []
+    assert _problems("vqa", answers=["x"] * 4) == [] and _problems("vqa_exact", answers=["x"]) == []
+    assert _problems("iou", answer_bbox="[0, 0, 1, 1]") == [] and _problems("exact", answer="2") == []
+    assert _problems("iou", **train, human_turns=["Q"], gpt_turns=["[0.1, 0.2, 0.3, 0.4]"]) == []
+    # errors: never scorable, or teaching nothing / the wrong thing
+    assert _problems("label", answer=" ") == [("answer", True)]
+    assert _problems("letter", answer="B", human_turns=["Q?\nA. x"]) == [("answer", True)]
+    assert _problems("vqa_exact", answers=[" "] * 10) == [("answers", True)]
+    assert _problems("iou", answer_bbox="[0, 0, 1, 1.01]") == [("answer_bbox", True)]
+    assert _problems("iou", answer_bbox="[0.2, 0, 0.2, 1]") == [("answer_bbox", True)]  # zero width
+    assert _problems("gqa", **train, human_turns=["Q", "Q2"], gpt_turns=["yes", " "]) == [("conversations[3].value", True)]
+    assert _problems("letter", **train, human_turns=["Q?\nA. x\nB. y"], gpt_turns=["C"]) == [("conversations[1].value", True)]
+    # warnings: kept, but worth knowing
+    assert _problems("vqa", answers=["x", "x"]) == [("answers", False)]
+    assert _problems("letter", **train, human_turns=["Q"], gpt_turns=["a cat"]) == [("conversations[1].value", False)]
+    assert _problems("iou", **train, human_turns=["Q"], gpt_turns=["left"]) == [("conversations[1].value", False)]

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from dataclasses import dataclass, field
 
@@ -278,27 +278,154 @@ def _score_grounding(pred: str, row: Mapping) -> float | None:
     return float(box_iou(box, gt) > 0.5)
 
 
+# ---- answer formats: what a record must carry to be learned from and scored -----------------
+# A validator takes one schema row (pipeline.data.schema; train or test) and returns its problems.
+# Errors: a test record that can never be scored (an empty, unparseable or out-of-range ground
+# truth), a training target that teaches nothing or the wrong thing (empty, out of range).
+# Warnings: a training target that is not in the task's answer format (it still trains, but not
+# the format the scorer reads), a VQA record whose few answers cap its score.
+
+
+@dataclass(frozen=True)
+class AnswerProblem:
+    """One problem with a record's answer. ``field``: "answer", "answers", "answer_bbox" or a
+    training target, "conversations[1].value"; ``error`` False: a warning (the record is kept)."""
+
+    field: str
+    reason: str
+    error: bool = True
+
+
+_NEVER = "the record can never be scored"
+
+
+def _targets(row: Mapping) -> Iterator[tuple[str, str, str]]:
+    """(field, human turn, target) of every assistant turn of a training row."""
+    for k, (human, target) in enumerate(zip(row.get("human_turns") or [], row.get("gpt_turns") or [])):
+        yield f"conversations[{2 * k + 1}].value", human, target
+
+
+def _empty_target(field_name: str) -> AnswerProblem:
+    return AnswerProblem(field_name, "empty target: the record teaches nothing")
+
+
+def validate_text_answers(row: Mapping) -> list[AnswerProblem]:
+    """The checks every text scorer needs (the default of ``register_scorer``): no empty training
+    target; a test record's answer (``answer``, else the only entry of ``answers``) not empty."""
+    if row.get("split") == "train":
+        return [_empty_target(f) for f, _, target in _targets(row) if not target.strip()]
+    if not _single_answer(row).strip():
+        return [AnswerProblem("answer", f"empty answer: {_NEVER}")]
+    return []
+
+
+def _validate_vqa(row: Mapping) -> list[AnswerProblem]:
+    answers = _gt_answers(row)
+    if row.get("split") == "train" or len(answers) < 2:
+        return validate_text_answers(row)
+    if not any(a.strip() for a in answers):
+        return [AnswerProblem("answers", f"every one of the {len(answers)} answers is empty: {_NEVER}")]
+    if len(answers) < 4:  # a prediction matching all n answers scores min(1, (n - 1) / 3)
+        return [AnswerProblem("answers", f"only {len(answers)} answers: even a prediction matching all of them "
+                                         f"scores {min(1.0, (len(answers) - 1) / 3):.2f} (VQA accuracy; official "
+                                         "files carry 10)", error=False)]
+    return []
+
+
+_OPTION = re.compile(r"(?m)^[ \t]*\(?([A-Z])[.)][ \t]|\(([A-Z])\)[ \t]")
+
+
+def listed_options(question: str) -> str:
+    """The option letters a question lists ("A. ..." / "A) ..." / "(A) ..." lines, or inline
+    "(A) ... (B) ..."), as the run "AB..." from A on; "" when it lists none."""
+    run = ""
+    for a, b in _OPTION.findall(question):
+        if (a or b) == chr(ord("A") + len(run)):
+            run += a or b
+    return run
+
+
+def _letter_problems(field_name: str, text: str, question: str, train: bool) -> list[AnswerProblem]:
+    letter = parse_option_letter(text)
+    if letter is None:
+        if train:
+            return [AnswerProblem(field_name, f"{text!r} is not an option letter: it trains an answer the "
+                                              "letter scorer does not expect", error=False)]
+        return [AnswerProblem(field_name, f"{text!r} is not an option letter: {_NEVER}")]
+    options = listed_options(question)
+    if options and letter not in options:
+        what = "it teaches a wrong answer" if train else "no prediction can match it"
+        return [AnswerProblem(field_name, f"option {letter} is out of range: the question lists "
+                                          f"{options[0]}-{options[-1]}; {what}")]
+    return []
+
+
+def _validate_letter(row: Mapping) -> list[AnswerProblem]:
+    if row.get("split") == "train":
+        problems = []
+        for f, human, target in _targets(row):
+            problems += [_empty_target(f)] if not target.strip() else _letter_problems(f, target, human, True)
+        return problems
+    return validate_text_answers(row) or _letter_problems(
+        "answer", _single_answer(row), (row.get("human_turns") or [""])[0], False)
+
+
+def _box_problems(field_name: str, text: str, train: bool) -> list[AnswerProblem]:
+    box = parse_box(text)
+    if box is None:
+        if train:
+            return [AnswerProblem(field_name, f"{text!r} is not a box '[x1, y1, x2, y2]': it trains an answer "
+                                              "the iou scorer cannot read", error=False)]
+        return [AnswerProblem(field_name, f"{text!r} is not a box '[x1, y1, x2, y2]' of four numbers: {_NEVER}")]
+    what = "it teaches a wrong box" if train else "no prediction can match it"
+    if not all(0.0 <= v <= 1.0 for v in box):
+        return [AnswerProblem(field_name, f"box {text!r} is out of range: coordinates are fractions of the image "
+                                          f"(padded to a square), in [0, 1]; {what}")]
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return [AnswerProblem(field_name, f"box {text!r} encloses nothing (needs x1 < x2 and y1 < y2); {what}")]
+    return []
+
+
+def validate_box_answers(row: Mapping) -> list[AnswerProblem]:
+    """Box tasks (the default of ``register_scorer(answers="box")``): training targets and the
+    test ``answer_bbox`` are boxes of four numbers in [0, 1] with x1 < x2 and y1 < y2."""
+    if row.get("split") == "train":
+        problems = []
+        for f, _, target in _targets(row):
+            problems += [_empty_target(f)] if not target.strip() else _box_problems(f, target, True)
+        return problems
+    text = str(row.get("answer_bbox") or "")
+    if not text.strip():
+        return [AnswerProblem("answer_bbox", f"empty box: {_NEVER}")]
+    return _box_problems("answer_bbox", text, False)
+
+
 @dataclass(frozen=True)
 class Scorer:
     """A scorer by name: ``score(prediction, ground-truth row)`` -> item score in [0, 1], or None
     when the prediction cannot be parsed (counted as wrong and reported as unparseable).
     ``answers``: what a test record must carry: "text" (``answer`` / ``answers``) or "box"
-    (``answer_bbox`` and ``size``)."""
+    (``answer_bbox`` and ``size``). ``validate(row)`` -> the row's ``AnswerProblem``s, checked
+    by ``check-data`` and the reader before any training."""
 
     name: str
     score: Any
     answers: str
     help: str
+    validate: Callable[[Mapping], list[AnswerProblem]] = validate_text_answers
 
 
 SCORERS: dict[str, Scorer] = {s.name: s for s in (
-    Scorer("letter", _score_scienceqa, "text", "the first one-character word of the answer, as an option letter, == the letter (ScienceQA)"),
-    Scorer("vqa", _score_textvqa, "text", "official VQA accuracy over `answers` (>= 2), else normalised exact match (TextVQA)"),
+    Scorer("letter", _score_scienceqa, "text", "the first one-character word of the answer, as an option letter, == the letter (ScienceQA)",
+           _validate_letter),
+    Scorer("vqa", _score_textvqa, "text", "official VQA accuracy over `answers` (>= 2), else normalised exact match (TextVQA)",
+           _validate_vqa),
     Scorer("label", _score_imagenet, "text", "the label in the answer or the answer in the label, case counts (ImageNet)"),
     Scorer("gqa", _score_gqa, "text", "exact match, final periods and case ignored (GQA)"),
-    Scorer("vqa_exact", _score_vqa_or_exact, "text", "official VQA accuracy over `answers` (>= 2), else exact match ignoring case (VizWiz, VQAv2)"),
+    Scorer("vqa_exact", _score_vqa_or_exact, "text", "official VQA accuracy over `answers` (>= 2), else exact match ignoring case (VizWiz, VQAv2)",
+           _validate_vqa),
     Scorer("exact", _score_exact_ci, "text", "exact match, case and surrounding spaces ignored (OCR-VQA)"),
-    Scorer("iou", _score_grounding, "box", "box IoU with `answer_bbox` > 0.5 (Grounding)"),
+    Scorer("iou", _score_grounding, "box", "box IoU with `answer_bbox` > 0.5 (Grounding)", validate_box_answers),
 )}
 
 # the scorer of each CoIN task (where the task description and CoIN's evaluation code differ, the code decides)
@@ -309,13 +436,17 @@ COIN_SCORERS: dict[str, str] = {
 assert set(COIN_SCORERS) == set(COIN_TASKS)
 
 
-def register_scorer(name: str, score: Any, *, answers: str = "text", help: str = "") -> None:
-    """Add a scorer by name (e.g. from a method plugin or a user module)."""
+def register_scorer(name: str, score: Any, *, answers: str = "text", help: str = "",
+                    validate: Callable[[Mapping], list[AnswerProblem]] | None = None) -> None:
+    """Add a scorer by name (e.g. from a method plugin or a user module). ``validate``: the
+    record check (default ``validate_text_answers`` / ``validate_box_answers``; a scorer's own
+    check can extend them: ``lambda row: validate_text_answers(row) + mine(row)``)."""
     if name in SCORERS:
         raise ValueError(f"scorer {name!r} exists")
     if answers not in ("text", "box"):
         raise ValueError(f"scorer {name!r}: answers must be 'text' or 'box'")
-    SCORERS[name] = Scorer(name, score, answers, help)
+    default = validate_box_answers if answers == "box" else validate_text_answers
+    SCORERS[name] = Scorer(name, score, answers, help, validate or default)
 
 
 def scorer_info(name: str) -> Scorer:
