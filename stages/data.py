@@ -22,8 +22,9 @@ def run(ctx, stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
 def run_data_stage(cfg: ExperimentConfig, stage_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """Generate CoIN-synth if configured, then validate every (task, split) of the experiment.
 
-    Writes ``data_report.json`` (counts, every bad record and every warning). Test splits must be clean; train
-    splits follow ``data.on_bad``: "error" fails the stage, "skip" records what is skipped.
+    Writes ``data_report.json`` (counts, every bad record and every warning). Test splits must
+    be clean; train splits follow ``data.on_bad``: "error" fails the stage, "skip" records what
+    is skipped. Warnings (records kept with a doubtful answer) are listed and logged.
     """
     summary: dict[str, Any] = {}
     if cfg.data.source == "synth":
@@ -55,5 +56,6 @@ def run_data_stage(cfg: ExperimentConfig, stage_dir: Path, log: Callable[[str], 
     if problems:
         hint = f" (no image file at all under {source.image_root}: is data.image_root right?)" if not images else ""
         raise BadRecordsError(problems[0], len(bad_all), str(stage_dir / DATA_REPORT), hint)
-    return {"bad_records": len(bad_all), "data_warnings": len(warnings), "train_records": sum(c["train"]["valid"] for c in counts.values()),
+    return {"bad_records": len(bad_all), "data_warnings": len(warnings),
+            "train_records": sum(c["train"]["valid"] for c in counts.values()),
             "test_records": sum(c["test"]["valid"] for c in counts.values())}

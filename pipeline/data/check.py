@@ -105,7 +105,8 @@ def check_data(source: CoinSource, tasks: Sequence[str] | None = None, *, decode
                 entry = check_split(source, task, split, image_files=image_files, decode=decode,
                                     workers=workers, progress_every=progress_every, log=log)
             except DataError as e:
-                entry = {"file": e.file, "records": 0, "valid": 0, "images": 0, "bad": [e.bad.to_dict()], "warnings": []}
+                entry = {"file": e.file, "records": 0, "valid": 0, "images": 0, "bad": [e.bad.to_dict()],
+                         "warnings": []}
             report["tasks"][task][split] = entry
     splits = [s for t in report["tasks"].values() for s in t.values()]
     report["records"] = sum(s["records"] for s in splits)
