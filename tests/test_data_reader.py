@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.data.coin import (
     CoinSource,
@@ -19,7 +20,7 @@ from pipeline.data.coin import (
     load_records,
     strip_image_token,
 )
-from pipeline.data.schema import ROW_COLUMNS
+from pipeline.data.schema import ROW_COLUMNS, TASK_FILES
 from stages.datasets import read_dataset
 from tests.helpers import COLORS, GOOD, TEN, write_coin_layout
 
@@ -118,6 +119,31 @@ BAD_CASES = [
      "Grounding", "test", 0, "r", "answer_bbox", "not a box"),
     ("size", {"Grounding/test.json": [{"question_id": "r", "text": "Q", "answer_bbox": "[0, 0, 1, 1]", "size": [4]}]},
      "Grounding", "test", 0, "r", "size", "[width, height]"),
+    # answers checked against the task's answer format (the scorer's validate)
+    ("empty-target", _train([GOOD, _with(id="e", conversations=[{"from": "human", "value": "Q"}, {"from": "gpt", "value": " "}])]),
+     "ScienceQA", "train", 1, "e", "conversations[1].value", "empty target"),
+    ("empty-2nd-target", {"GQA/train.json": [_with(id="g", conversations=[
+        {"from": "human", "value": "Q"}, {"from": "gpt", "value": "yes"}, {"from": "human", "value": "Q2"}, {"from": "gpt", "value": ""}])]},
+     "GQA", "train", 0, "g", "conversations[3].value", "empty target"),
+    ("letter-out-of-range", _train([_with(id="l", conversations=[{"from": "human", "value": "Q?\nA. x\nB. y"}, {"from": "gpt", "value": "C"}])]),
+     "ScienceQA", "train", 0, "l", "conversations[1].value", "option C is out of range: the question lists A-B"),
+    ("test-empty-answer", {"GQA/test.json": [{"question_id": 5, "text": "Q", "answer": "  "}]}, "GQA", "test", 0, "5",
+     "answer", "empty answer: the record can never be scored"),
+    ("test-not-a-letter", {"ScienceQA/test.json": [{"question_id": "s", "text": "Q?\nA. x\nB. y", "answer": "blue"}]},
+     "ScienceQA", "test", 0, "s", "answer", "'blue' is not an option letter: the record can never be scored"),
+    ("test-letter-out-of-range", {"ScienceQA/test.json": [{"question_id": "s", "text": "Q?\nA. x\nB. y\nC. z", "answer": "D"}]},
+     "ScienceQA", "test", 0, "s", "answer", "option D is out of range: the question lists A-C"),
+    ("test-answers-all-empty", {"TextVQA/val.json": [{"question_id": 5, "text": "Q", "answer": "", "answers": [""] * 10}]},
+     "TextVQA", "test", 0, "5", "answers", "every one of the 10 answers is empty"),
+    ("bbox-out-of-range", {"Grounding/test.json": [{"question_id": "r", "text": "Q", "answer_bbox": "[0.1, 0.2, 1.3, 0.9]", "size": [4, 4]}]},
+     "Grounding", "test", 0, "r", "answer_bbox", "out of range"),
+    ("bbox-inverted", {"Grounding/test.json": [{"question_id": "r", "text": "Q", "answer_bbox": "[0.5, 0.2, 0.1, 0.9]", "size": [4, 4]}]},
+     "Grounding", "test", 0, "r", "answer_bbox", "encloses nothing"),
+    ("bbox-five-numbers", {"Grounding/test.json": [{"question_id": "r", "text": "Q", "answer_bbox": "[0, 0, 1, 1, 1]", "size": [4, 4]}]},
+     "Grounding", "test", 0, "r", "answer_bbox", "not a box"),
+    ("train-box-out-of-range", {"Grounding/train.json": [_with(id="t", conversations=[
+        {"from": "human", "value": "Q"}, {"from": "gpt", "value": "[-0.1, 0.2, 0.5, 0.9]"}])]},
+     "Grounding", "train", 0, "t", "conversations[1].value", "out of range"),
 ]
 
 
@@ -128,8 +154,7 @@ def test_bad_input_names_file_record_and_field(tmp_path: Path, case: tuple) -> N
     with pytest.raises(DataError) as info:
         load_records(source, task, split)
     e = info.value
-    name = {"ScienceQA": "ScienceQA/train.json", "GQA": "GQA/test.json", "TextVQA": "TextVQA/val.json",
-            "Grounding": "Grounding/test.json"}[task]
+    name = TASK_FILES[task][split]
     assert e.file == f"{source.instructions_root}/{name}"
     assert (e.index, e.id, e.field) == (index, rid, field)
     assert reason in e.reason
@@ -139,6 +164,114 @@ def test_bad_input_names_file_record_and_field(tmp_path: Path, case: tuple) -> N
         assert f"record {index} (id={rid if rid is not None else '?'})" in message
     if field is not None:
         assert f"field '{field}'" in message
+
+
+# ---- image paths stay inside the image root ---------------------------------------------------
+
+
+def _escape_layout(tmp_path: Path) -> tuple[CoinSource, list[dict]]:
+    """A layout whose image root holds a link to a file outside it, a link to a folder outside it
+    and a link that stays inside; the records try every way out (and the harmless link)."""
+    source = write_coin_layout(tmp_path, {})
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    (outside / "dir").mkdir(parents=True)
+    for target in (outside / "secret.png", outside / "dir" / "x.png"):
+        Image.new("RGB", (4, 4), (1, 2, 3)).save(target)
+    (images / "link.png").symlink_to(outside / "secret.png")
+    (images / "linkdir").symlink_to(outside / "dir", target_is_directory=True)
+    (images / "sqa" / "inside.png").symlink_to(images / "sqa" / "1.png")
+    records = [GOOD, _with(id="abs", image=str(outside / "secret.png")), _with(id="up", image="sqa/../../outside/secret.png"),
+               _with(id="filelink", image="link.png"), _with(id="dirlink", image="linkdir/x.png"),
+               _with(id="in", image="sqa/inside.png")]
+    return source, records
+
+
+ESCAPES = [(1, "abs", "absolute path"), (2, "up", "contains '..'"),
+           (3, "filelink", "outside the image root"), (4, "dirlink", "outside the image root")]
+
+
+@pytest.mark.parametrize("index, rid, reason", ESCAPES, ids=[e[1] for e in ESCAPES])
+def test_every_way_out_of_the_image_root_is_refused(tmp_path: Path, index: int, rid: str, reason: str) -> None:
+    source, records = _escape_layout(tmp_path)
+    files = {"ScienceQA/train.json": [records[0], records[index]]}
+    source = write_coin_layout(tmp_path, files)
+    with pytest.raises(DataError) as info:
+        load_records(source, "ScienceQA", "train")
+    e = info.value
+    assert (e.file, e.index, e.id, e.field) == (f"{source.instructions_root}/ScienceQA/train.json", 1, rid, "image")
+    assert reason in e.reason and f"record 1 (id={rid}) field 'image'" in str(e)
+    if "link" in rid:  # the message says where the link leads
+        assert str(tmp_path / "outside") in e.reason
+
+
+def test_links_out_are_skipped_and_listed_links_inside_are_read(tmp_path: Path) -> None:
+    source, records = _escape_layout(tmp_path)
+    source = write_coin_layout(tmp_path, {"ScienceQA/train.json": records})
+    result = load_records(source, "ScienceQA", "train", on_bad="skip")
+    assert [r["id"] for r in result.rows] == ["ok", "in"]
+    assert [(b.index, b.id, b.field) for b in result.bad] == [(i, rid, "image") for i, rid, _ in ESCAPES]
+    rows = list(iter_decoded(source, "ScienceQA", "train", 4, on_bad="skip"))
+    assert [r["id"] for r in rows] == ["ok", "in"]
+    assert (rows[1]["image"] == np.array(COLORS["sqa/1.png"], dtype=np.uint8)).all()
+
+
+def test_a_root_reached_through_a_link_is_fine(tmp_path: Path) -> None:
+    """Only where a path ends up matters: an image root that is itself a link is resolved too."""
+    write_coin_layout(tmp_path)
+    (tmp_path / "alias").symlink_to(tmp_path / "images", target_is_directory=True)
+    source = CoinSource(str(tmp_path / "Instructions_Original"), str(tmp_path / "alias"))
+    assert [r["id"] for r in load_records(source, "ScienceQA", "train").rows] == ["sqa-1", "sqa-2"]
+
+
+def test_doubtful_answers_are_kept_with_a_warning(tmp_path: Path) -> None:
+    """Warnings, not errors: a training reply outside the task's answer format still trains, and a
+    VQA record with few answers can be scored (its best score is below 1)."""
+    files = {
+        "ScienceQA/train.json": [GOOD, _with(id="free", conversations=[{"from": "human", "value": "Q?\nA. x\nB. y"},
+                                                                       {"from": "gpt", "value": "It is x."}])],
+        "TextVQA/val.json": [{"question_id": 1, "text": "Q", "answers": ["nike", "nike", "nike"]},
+                             {"question_id": 2, "text": "Q", "answers": ["nike"] * 4}],
+        "Grounding/train.json": [_with(id="g", conversations=[{"from": "human", "value": "Q"},
+                                                              {"from": "gpt", "value": "the left dog"}])],
+    }
+    source = write_coin_layout(tmp_path, files)
+    sqa = load_records(source, "ScienceQA", "train")
+    assert [r["id"] for r in sqa.rows] == ["ok", "free"] and sqa.bad == []
+    assert [(w.index, w.id, w.field) for w in sqa.warnings] == [(1, "free", "conversations[1].value")]
+    assert "not an option letter" in sqa.warnings[0].reason
+    text = load_records(source, "TextVQA", "test")
+    assert [(w.index, w.id, w.field) for w in text.warnings] == [(0, "1", "answers")]
+    assert "only 3 answers" in text.warnings[0].reason and "0.67" in text.warnings[0].reason
+    box = load_records(source, "Grounding", "train")
+    assert [(w.id, w.field) for w in box.warnings] == [("g", "conversations[1].value")] and "not a box" in box.warnings[0].reason
+
+
+def test_a_user_task_is_checked_by_its_scorer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.custom_tasks get the checks of the scorer they name, a registered scorer its own."""
+    from pipeline.scoring import scorers
+    from pipeline.tasks import TaskSpec
+
+    monkeypatch.setattr(scorers, "SCORERS", dict(scorers.SCORERS))
+    scorers.register_scorer("yesno", lambda pred, row: float(pred.strip() == row["answer"]),
+                            validate=lambda row: scorers.validate_text_answers(row) + (
+                                [] if row["split"] == "train" or row["answer"] in ("yes", "no")
+                                else [scorers.AnswerProblem("answer", "must be yes or no")]))
+    write_coin_layout(tmp_path, {})
+    data = tmp_path / "mine"
+    data.mkdir()
+    (data / "test.json").write_text(json.dumps([{"question_id": "a", "text": "Q", "answer_bbox": "[0.6, 0.1, 0.2, 0.5]", "size": [4, 4]}]))
+    (data / "yn.json").write_text(json.dumps([{"question_id": "a", "text": "Q", "answer": "yes"},
+                                              {"question_id": "b", "text": "Q", "answer": "maybe"}]))
+    custom = (TaskSpec("MyBoxes", str(data / "train.json"), str(data / "test.json"), "iou"),
+              TaskSpec("MyYesNo", str(data / "train.json"), str(data / "yn.json"), "yesno"))
+    source = CoinSource(str(tmp_path / "Instructions_Original"), str(tmp_path / "images"), custom)
+    with pytest.raises(DataError) as info:
+        load_records(source, "MyBoxes", "test")
+    assert (info.value.file, info.value.index, info.value.id, info.value.field) == (str(data / "test.json"), 0, "a", "answer_bbox")
+    assert "encloses nothing" in info.value.reason
+    with pytest.raises(DataError) as info:
+        load_records(source, "MyYesNo", "test")
+    assert (info.value.index, info.value.id, info.value.field, info.value.reason) == (1, "b", "answer", "must be yes or no")
 
 
 def test_unknown_task_and_split(layout: CoinSource) -> None:

@@ -2,7 +2,8 @@
 
 ``check_data`` returns a JSON-ready report: per task and split the number of records, valid
 records and distinct images found (and decoded), plus every bad record with its file, index,
-id, field and reason. Nothing is skipped silently: a report with ``ok: false`` lists why.
+id, field and reason, and every warning (a kept record with a doubtful answer, same fields).
+Nothing is skipped silently: a report with ``ok: false`` lists why; warnings leave it ok.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pipeline.data.coin import (
 from pipeline.data.schema import COIN_TASKS, SPLITS
 
 
-def _decode_failures(source: CoinSource, result: LoadResult, *, label: str, workers: int,
+def _decode_failures(source: CoinSource, task: str, result: LoadResult, *, label: str, workers: int,
                      progress_every: int, log: TextIO) -> tuple[list[BadRecord], int]:
     """Decode each distinct image of ``result.rows`` once; a failure is reported for every
     record that uses the image. Returns (bad records, images decoded fine)."""
@@ -35,7 +36,7 @@ def _decode_failures(source: CoinSource, result: LoadResult, *, label: str, work
     for row in result.rows:
         if row["image_path"]:
             users[row["image_path"]].append(row)
-    fs, root = storage.resolve(source.image_root)
+    fs, root = storage.resolve(source.image_root_for(task))
 
     def attempt(path: str) -> str | None:
         try:
@@ -70,13 +71,15 @@ def check_split(source: CoinSource, task: str, split: str, *, image_files: Colle
     }
     bad = list(result.bad)
     if decode and result.rows:
-        failed, decoded = _decode_failures(source, result, label=f"{task}/{split}", workers=workers,
+        failed, decoded = _decode_failures(source, task, result, label=f"{task}/{split}", workers=workers,
                                            progress_every=progress_every, log=log)
         bad += failed
         entry["images_decoded"] = decoded
         entry["valid"] -= len(failed)
     bad.sort(key=lambda b: -1 if b.index is None else b.index)
     entry["bad"] = [b.to_dict() for b in bad]
+    gone = {b.index for b in bad}
+    entry["warnings"] = [w.to_dict() for w in result.warnings if w.index not in gone]
     return entry
 
 
@@ -102,8 +105,13 @@ def check_data(source: CoinSource, tasks: Sequence[str] | None = None, *, decode
                 entry = check_split(source, task, split, image_files=image_files, decode=decode,
                                     workers=workers, progress_every=progress_every, log=log)
             except DataError as e:
-                entry = {"file": e.file, "records": 0, "valid": 0, "images": 0, "bad": [e.bad.to_dict()]}
+                entry = {"file": e.file, "records": 0, "valid": 0, "images": 0, "bad": [e.bad.to_dict()],
+                         "warnings": []}
             report["tasks"][task][split] = entry
-    report["bad_count"] = sum(len(s["bad"]) for t in report["tasks"].values() for s in t.values())
+    splits = [s for t in report["tasks"].values() for s in t.values()]
+    report["records"] = sum(s["records"] for s in splits)
+    report["valid"] = sum(s["valid"] for s in splits)
+    report["bad_count"] = sum(len(s["bad"]) for s in splits)
+    report["warning_count"] = sum(len(s["warnings"]) for s in splits)
     report["ok"] = report["bad_count"] == 0 and not report["errors"]
     return report

@@ -143,7 +143,7 @@ def run_score(args: argparse.Namespace) -> int:
     if scorer is None:
         raise ValueError(f"task {args.task!r} is not a CoIN task: give --scorer")
     result = parse_records(_read_json(args.answers), args.task, "test", args.answers,
-                           box_answers=scorer_info(scorer).answers == "box")
+                           box_answers=scorer_info(scorer).answers == "box", scorer=scorer)
     if result.bad:
         raise DataError(result.bad[0])
     scored = score_task(args.task, result.rows, read_predictions(args.predictions), scorer=scorer)
@@ -166,6 +166,8 @@ def run_check_data(args: argparse.Namespace) -> int:
     report = check_data(source, args.tasks, decode=not args.no_decode, workers=args.workers,
                         progress_every=args.progress_every, log=sys.stderr)
     _print(report)
+    print(f"check-data: {report['records']} records, {report['valid']} valid, {report['bad_count']} bad, "
+          f"{report['warning_count']} warning(s){'' if report['ok'] else ' (exit 1)'}", file=sys.stderr, flush=True)
     return 0 if report["ok"] else 1
 
 
@@ -180,7 +182,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "score", help="score a LLaVA answer file against a CoIN (or your own task's) test file",
-        epilog="scorers (data.custom_tasks.<Task>.scorer):\n" + "\n".join(f"  {s.name:<7} {s.help}" for s in SCORERS.values()),
+        epilog="scorers (data.custom_tasks.<Task>.scorer):\n" + "\n".join(f"  {s.name:<9} {s.help}" for s in SCORERS.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, help=f"the task name ({', '.join(COIN_TASKS)} or your own with --scorer)")
     p.add_argument("--scorer", choices=sorted(SCORERS), default=None,

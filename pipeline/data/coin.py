@@ -9,6 +9,9 @@ the same in plain Python for small tools and tests.
 Bad input policy: ``on_bad="error"`` raises ``DataError`` (naming file, record index, id and
 field) for the first bad record; ``on_bad="skip"`` (train only) drops bad records and lists
 every one in ``LoadResult.bad``. The test split never skips: evaluation must see every record.
+Every record is also checked against its task's answer format (the scorer's ``validate``, see
+``pipeline.scoring.scorers``): errors make the record bad, warnings are listed in
+``LoadResult.warnings`` and the record is kept.
 
 Undecodable images are found only while decoding (checking every image up front would read
 the whole image set twice). Under "error", or for the test split, the decode stage raises
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data import storage
-from pipeline.scoring.scorers import parse_box
+from pipeline.scoring.scorers import COIN_SCORERS, scorer_info
 from pipeline.data.schema import IMAGE_TOKEN, SPLITS
 
 ON_BAD = ("error", "skip")
@@ -122,6 +125,7 @@ class LoadResult:
     file: str = ""
     total: int = 0  # records in the file, good and bad
     decode_log: Any = field(default=None, repr=False, compare=False)
+    warnings: list[BadRecord] = field(default_factory=list)  # kept records with a doubtful answer
 
     def decode_failures(self) -> list[BadRecord]:
         """Rows dropped while images were decoded under on_bad="skip" (``decode_log``: a callable
@@ -162,10 +166,9 @@ def _image_path(rec: dict) -> str:
     value = rec["image"]
     if not isinstance(value, str) or not value:
         raise _FieldError("image", "must be a non-empty relative path string")
-    if value.startswith(("/", "\\")) or "://" in value or (len(value) > 1 and value[1] == ":"):
-        raise _FieldError("image", f"absolute path {value!r} escapes the image root")
-    if ".." in value.replace("\\", "/").split("/"):
-        raise _FieldError("image", f"path {value!r} contains '..' and escapes the image root")
+    why = storage.lexical_escape(value)
+    if why is not None:
+        raise _FieldError("image", why)
     return posixpath.normpath(value)
 
 
@@ -217,9 +220,7 @@ def _parse_train(rec: dict, task: str, index: int) -> dict:
 
 def _answer_fields(rec: dict, box: bool) -> dict:
     if box:
-        box = _text(rec, "answer_bbox")
-        if parse_box(box) is None:
-            raise _FieldError("answer_bbox", f"is not a box '[x1, y1, x2, y2]': {box!r}")
+        box = _text(rec, "answer_bbox")  # its format: the scorer's validate
         size = rec.get("size")
         if (not isinstance(size, list) or len(size) != 2
                 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
@@ -249,21 +250,27 @@ def _parse_test(rec: dict, task: str, index: int, box: bool = False) -> dict:
     return row
 
 
-def parse_records(records: Any, task: str, split: str, file: str, box_answers: bool | None = None) -> LoadResult:
+def parse_records(records: Any, task: str, split: str, file: str, box_answers: bool | None = None,
+                  scorer: str | None = None) -> LoadResult:
     """Validate already-loaded JSON ``records`` of one split (no I/O, no image checks).
-    ``box_answers``: test records answer with a box (default: the task is CoIN's Grounding).
+    ``scorer``: the task's scorer, whose ``validate`` checks every record's answers (default: the
+    CoIN task's; none for other names, e.g. the pre-training corpus). ``box_answers``: test
+    records answer with a box (default: the scorer's kind, else whether the task is Grounding).
 
     Collects every bad record; file-level problems (not a list, empty) are one ``BadRecord``
     with ``index=None``. Duplicate ids: the first occurrence is kept, later ones are bad.
     """
+    info = scorer_info(scorer or COIN_SCORERS[task]) if scorer or task in COIN_SCORERS else None
     if not isinstance(records, list):
         return LoadResult([], [BadRecord(file, None, None, None, f"must be a JSON list of records, got {type(records).__name__}")], file, 0)
     if not records:
         return LoadResult([], [BadRecord(file, None, None, None, f"empty {split} split: the file has no records")], file, 0)
-    box = (task == "Grounding") if box_answers is None else box_answers
+    if box_answers is None:
+        box_answers = info.answers == "box" if info is not None else task == "Grounding"
+    box = box_answers
     parse, id_key = (_parse_train, "id") if split == "train" else (
         (lambda rec, task, index: _parse_test(rec, task, index, box)), "question_id")
-    rows, bad, seen = [], [], {}
+    rows, bad, warnings, seen = [], [], [], {}
     for index, rec in enumerate(records):
         if not isinstance(rec, dict):
             bad.append(BadRecord(file, index, None, "(record)", f"must be a JSON object, got {type(rec).__name__}"))
@@ -275,12 +282,18 @@ def parse_records(records: Any, task: str, split: str, file: str, box_answers: b
         except _FieldError as e:
             bad.append(BadRecord(file, index, shown, e.field, e.reason))
             continue
+        problems = info.validate(row) if info is not None else []
+        errors = [p for p in problems if p.error]
+        if errors:
+            bad.append(BadRecord(file, index, row["id"], errors[0].field, errors[0].reason))
+            continue
         if row["id"] in seen:
             bad.append(BadRecord(file, index, row["id"], id_key, f"duplicate {id_key}, first at record {seen[row['id']]}"))
             continue
         seen[row["id"]] = index
+        warnings += [BadRecord(file, index, row["id"], p.field, p.reason) for p in problems]
         rows.append(row)
-    return LoadResult(rows, bad, file, len(records))
+    return LoadResult(rows, bad, file, len(records), warnings=warnings)
 
 
 # ---- files and images ------------------------------------------------------------------------
@@ -316,26 +329,34 @@ def scan_split(source: CoinSource, task: str, split: str, *, image_files: Collec
     """Validate one split completely and collect every bad record (never raises for data).
 
     ``image_files`` is a listing from ``list_images`` to reuse across splits; without it the
-    image root is listed once here. Rows whose image is missing are moved to ``bad``.
+    image root is listed once here. Rows whose image is missing, or whose path leads out of the
+    image root once resolved (symbolic links included, see ``storage.Confinement``), are moved
+    to ``bad``.
     """
     file, records, problem = _read_file(source, task, split)
     if problem is not None:
         return LoadResult([], [problem], file, 0)
     spec = source.spec(task)
-    result = parse_records(records, task, split, file, box_answers=spec.box_answers)
+    result = parse_records(records, task, split, file, box_answers=spec.box_answers, scorer=spec.scorer)
     if not any(r["image_path"] for r in result.rows):
         return result
     own_root = spec.image_root is not None
     files = image_files if image_files is not None and not own_root else list_images(source, task)
+    confinement = storage.Confinement(*storage.resolve(source.image_root_for(task)))
     kept = []
     for row in result.rows:
-        if row["image_path"] and row["image_path"] not in files:
-            result.bad.append(BadRecord(file, row["index"], row["id"], "image",
-                                        f"image file {row['image_path']!r} not found under {source.image_root_for(task)}"))
-        else:
+        path = row["image_path"]
+        why = confinement.escape(path) if path else None
+        if why is None and path and path not in files:
+            why = f"image file {path!r} not found under {source.image_root_for(task)}"
+        if why is None:
             kept.append(row)
+        else:
+            result.bad.append(BadRecord(file, row["index"], row["id"], "image", why))
     result.rows = kept
     result.bad.sort(key=lambda b: -1 if b.index is None else b.index)
+    gone = {b.index for b in result.bad}
+    result.warnings = [w for w in result.warnings if w.index not in gone]
     return result
 
 

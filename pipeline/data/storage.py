@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import stat
 from typing import Any
 
 import fsspec
@@ -97,3 +98,69 @@ def list_files(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
         if full.startswith(prefix):
             out.add(full[len(prefix):])
     return out
+
+
+# ---- keeping record paths inside their root ----------------------------------------------------
+
+
+def lexical_escape(rel: str) -> str | None:
+    """Why the record path ``rel`` is not a plain relative path below its root, or None.
+
+    Refused on every storage: absolute forms ("/x", "\\x", "C:x", "s3://..."), any ".." segment
+    (object-store keys included: an HTTP client may collapse "a/../b"), and NUL characters.
+    """
+    if "\x00" in rel:
+        return f"path {rel!r} contains a NUL character"
+    if rel.startswith(("/", "\\")) or "://" in rel or (len(rel) > 1 and rel[1] == ":"):
+        return f"absolute path {rel!r} escapes the image root"
+    if ".." in rel.replace("\\", "/").split("/"):
+        return f"path {rel!r} contains '..' and escapes the image root"
+    return None
+
+
+class Confinement:
+    """Decides whether a record's relative path stays inside ``root`` (a path of ``fs``).
+
+    Local roots: the path is resolved, symbolic links included, and the result must lie inside
+    the resolved root; a link inside the root that points outside it (to a file or a folder) is
+    refused. Object stores have no links: the key, normalised, must stay under the root prefix.
+    The resolved folders are cached, so a check costs one ``lstat`` per file.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        self.local = protocol in ("file", "local")
+        self.root = root.rstrip("/") or root
+        self._real_root = os.path.realpath(self.root) if self.local else self.root
+        self._dirs: dict[str, str] = {}
+
+    def _inside(self, path: str, sep: str) -> bool:
+        base = self._real_root.rstrip(sep)
+        return path == self._real_root or path.startswith(base + sep)
+
+    def escape(self, rel: str) -> str | None:
+        """None when ``rel`` stays inside the root, else the reason (for a ``BadRecord``)."""
+        why = lexical_escape(rel)
+        if why is not None:
+            return why
+        if not self.local:
+            key = posixpath.normpath(join(self.root, rel))
+            return None if self._inside(key, "/") else f"path {rel!r} leaves the root prefix {self.root!r}"
+        full = os.path.join(self.root, rel)
+        parent, name = os.path.split(full)
+        try:
+            real_parent = self._dirs.get(parent)
+            if real_parent is None:
+                real_parent = self._dirs[parent] = os.path.realpath(parent)
+            real = os.path.join(real_parent, name)
+            try:
+                if stat.S_ISLNK(os.lstat(real).st_mode):
+                    real = os.path.realpath(real)
+            except FileNotFoundError:
+                pass  # reported as missing by the caller's listing
+        except (OSError, ValueError) as e:
+            return f"path {rel!r} cannot be resolved: {type(e).__name__}: {e}"
+        if self._inside(real, os.sep):
+            return None
+        return (f"path {rel!r} resolves to {real!r}, outside the image root {self._real_root!r} "
+                "(a symbolic link leads out of it)")
