@@ -2,6 +2,7 @@
 registered with ``@register``; the lines below import the built-in ones, one line per method."""
 
 from pipeline.methods import ewc  # noqa: F401
+from pipeline.methods import l2p  # noqa: F401
 from pipeline.methods import lora  # noqa: F401
 from pipeline.methods import modalprompt  # noqa: F401
 from pipeline.methods import multitask  # noqa: F401
