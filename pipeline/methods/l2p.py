@@ -34,7 +34,6 @@ Choices the LLaVA adaptation forces (options in ``L2POptions``):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.methods.base import MethodBase
-from pipeline.methods.helpers import base_embeds, gathered, initial_prompts
+from pipeline.methods.helpers import base_embeds, gathered, guide_query, initial_prompts, usage_diagnostics
 from pipeline.methods.protocol import Diagnostics, Generation
 from pipeline.methods.registry import register
 
@@ -113,12 +112,7 @@ class L2P(MethodBase):
     # ------------------------------------------------------------------ selection
     def query(self, batch: dict[str, Any]) -> torch.Tensor:
         """(B, d_guide) normalised query feature, no autograd (the guide is frozen)."""
-        with torch.no_grad():
-            q = F.normalize(self.guide.encode_image(batch["guide_pixels"]).float(), dim=-1)
-            if self.opts.query == "image_text":
-                x_i = F.normalize(self.guide.encode_text(batch["guide_text"]).float(), dim=-1)
-                q = F.normalize(q + x_i, dim=-1)
-        return q
+        return guide_query(self.guide, batch, self.opts.query)
 
     def similarity(self, q: torch.Tensor) -> torch.Tensor:
         """(B, pool) cosine similarity of each query to each key (differentiable w.r.t. the keys)."""
@@ -156,23 +150,5 @@ class L2P(MethodBase):
                     ) -> Diagnostics | None:
         """How often each test task's samples pick each pool prompt (``pool_usage.json`` and a
         heatmap): tasks that share prompts, and prompts nobody uses."""
-        from pipeline.figures import heatmap
-
-        tasks = [t for t in predictions if predictions[t] and predictions[t][0].get("scores")]
-        if not tasks:
-            return None
-        pool = len(predictions[tasks[0]][0]["scores"])
-        usage = []
-        for t in tasks:
-            counts = [0.0] * pool
-            for ln in predictions[t]:
-                for j in ln["selected"]:
-                    counts[j] += 1
-            usage.append([c / len(predictions[t]) for c in counts])
-        used = sum(any(row[j] > 0 for row in usage) for j in range(pool))
-        (out_dir / "pool_usage.json").write_text(json.dumps({"tasks": tasks, "usage": usage}, indent=2))
-        fig = heatmap(usage, rows=tasks, cols=[str(j) for j in range(pool)], fmt="{:.2f}",
-                      title="Prompt pool usage (share of a task's samples selecting each prompt)",
-                      path=out_dir / "pool_usage.png", xlabel="pool prompt", ylabel="test task")
-        return Diagnostics(summary={"pool_prompts_used": float(used)}, files=[out_dir / "pool_usage.json", fig],
-                           lines=[f"L2P: {used} of {pool} pool prompts selected by some test sample"])
+        return usage_diagnostics(predictions, out_dir, stem="pool_usage", unit="pool prompt", label="L2P",
+                                 title="Prompt pool usage (share of a task's samples selecting each prompt)")

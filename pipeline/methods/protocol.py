@@ -74,8 +74,10 @@ class Generation:
     """Output of ``ContinualMethod.generate`` for one batch.
 
     texts:    one decoded answer per sample (may be "").
-    selected: per sample, the 0-based task indices whose parameters were used, most similar
-              first (prompt-selection methods); None for methods that do not select.
+    selected: per sample, the 0-based indices of the method's own units that were used, most
+              similar first (ModalPrompt: tasks' prompt sets; L2P: pool prompts; CODA-Prompt: the
+              component of largest weight; DualPrompt: the expert prompt's task); None for methods
+              that do not select.
     scores:   optional (B, n_tasks) similarity scores used for selection, for diagnostics.
     """
 
