@@ -125,6 +125,7 @@ class CodaPrompt(MethodBase):
     options_class: ClassVar[type] = CodaPromptOptions
     sweep_space: ClassVar[dict[str, Any]] = {
         "length": {"choice": [5, 10, 20]}, "ortho_weight": {"choice": [0.0, 1e-4, 1e-2]},
+        "method.lr": {"loguniform": [1e-3, 3e-2]},  # the prompts' rate
     }
 
     def __init__(self, options: dict[str, Any] | None, lmm: Any, guide: Any) -> None:

@@ -135,6 +135,7 @@ class DualPrompt(MethodBase):
     sweep_space: ClassVar[dict[str, Any]] = {
         "e_length": {"choice": [5, 10, 20]}, "g_length": {"choice": [3, 5]},
         "key_loss_weight": {"choice": [0.1, 1.0]},
+        "method.lr": {"loguniform": [1e-3, 3e-2]},  # the prompts' rate
     }
 
     def __init__(self, options: dict[str, Any] | None, lmm: Any, guide: Any) -> None:

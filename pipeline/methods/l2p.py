@@ -80,6 +80,7 @@ class L2P(MethodBase):
     sweep_space: ClassVar[dict[str, Any]] = {
         "top_n": {"choice": [1, 3, 5]}, "length": {"choice": [5, 10]},
         "key_loss_weight": {"choice": [0.1, 0.5, 1.0]},
+        "method.lr": {"loguniform": [1e-3, 3e-2]},  # the prompts' rate
     }
 
     def __init__(self, options: dict[str, Any] | None, lmm: Any, guide: Any) -> None:
