@@ -8,4 +8,5 @@ from pipeline.methods import l2p  # noqa: F401
 from pipeline.methods import lora  # noqa: F401
 from pipeline.methods import modalprompt  # noqa: F401
 from pipeline.methods import multitask  # noqa: F401
+from pipeline.methods import proglora  # noqa: F401
 from pipeline.methods import zeroshot  # noqa: F401
