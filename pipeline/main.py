@@ -44,6 +44,8 @@ def build_parser(tune_help: bool = False) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run an experiment's stage DAG (the default command)")
     _add_run_args(run)
+    run.add_argument("--seeds", help="run the experiment once per seed, e.g. 0,1,2, and report each metric's mean "
+                                     "and spread (one MLflow parent run, the seed runs nested under it)")
     run.set_defaults(func=cmd_run)
     tune = sub.add_parser("tune", help="Ray Tune sweep over a method's options (its own default space, or tune.space)",
                           epilog=_tune_epilog() if tune_help else None, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +74,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stages.runner import PipelineRun, format_results
 
     cfg = load_experiment(args)
+    if args.seeds:
+        return _run_seeds(cfg, args)
     run = PipelineRun(cfg, Path(args.output) if args.output else None, verbose=args.verbose)
     if args.dry_run:
         from stages.dryrun import dry_run_report
@@ -81,6 +85,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     results = run.run()
     print()
     print(format_results(results))
+    return 0
+
+
+def _run_seeds(cfg, args: argparse.Namespace) -> int:
+    from stages.seeds import default_seeds_dir, format_summary, parse_seeds, run_seeds, seed_config
+
+    seeds = parse_seeds(args.seeds)
+    if any(o.split("=", 1)[0].strip() == "seed" for o in args.overrides or []):
+        from pipeline.config import ConfigError
+
+        raise ConfigError("seed=...: give the seeds with --seeds alone")
+    if args.dry_run:
+        from stages.dryrun import dry_run_report
+        from stages.runner import PipelineRun
+
+        directory = Path(args.output) if args.output else default_seeds_dir(cfg, seeds)
+        first = seed_config(cfg, seeds[0], None)
+        print(f"seeds {', '.join(map(str, seeds))}: one run each in {directory}/seed-<s>/; the first:")
+        print(dry_run_report(first, PipelineRun(first, directory / f"seed-{seeds[0]}")))
+        return 0
+    summary = run_seeds(cfg, seeds, Path(args.output) if args.output else None, verbose=args.verbose)
+    print()
+    print(format_summary(summary))
+    print(f"summary: {Path(summary['run_dirs'][str(seeds[0])]).parent}/seeds_summary.json")
     return 0
 
 

@@ -4,6 +4,7 @@ STATE_FILE = "method_state.safetensors"  # train (final state) and freeze (the f
 META_FILE = "train_meta.json"  # train: the final checkpoint's metadata
 PROGRESS_FILE = "progress.jsonl"  # train: one row per logged step
 SKIPPED_FILE = "skipped_records.json"  # train: records skipped under data.on_bad: skip
+REPLAY_STORE_FILE = "replay_store.json"  # train: ids of the stored samples a replaying method got, per task
 RAY_TRAIN_DIR = "ray_train"  # train: Ray Train's storage (checkpoints of a fit)
 MANIFEST_FILE = "manifest.json"  # freeze: sha256 per tensor, per task
 DATA_REPORT = "data_report.json"  # data: counts and every bad record

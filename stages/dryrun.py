@@ -66,18 +66,20 @@ def dry_run_report(cfg: ExperimentConfig, run) -> str:
         input_line(cfg),
         "",
         "Parameters per method (one task's parameters, built on the meta device, no weights read):",
-        f"{'method':<14}{'total':>16}{'trainable':>16}{'share %':>10}{'share % (+guide)':>18}",
     ]
-    for name in registered_methods():
+    names = registered_methods()
+    w = max([14] + [len(n) + 2 for n in names])
+    lines.append(f"{'method':<{w}}{'total':>16}{'trainable':>16}{'share %':>10}{'share % (+guide)':>18}")
+    for name in names:
         opts = cfg.method.options if name == cfg.method.name else {}
         try:
             c = count_method(cfg, name, opts)
         except Exception as exc:  # report per method; one broken method must not hide the others
-            lines.append(f"{name:<14} could not be built: {type(exc).__name__}: {exc}")
+            lines.append(f"{name:<{w}} could not be built: {type(exc).__name__}: {exc}")
             continue
         mark = " *" if name == cfg.method.name else ""
         lines.append(
-            f"{name:<14}{c['total_params']:>16,}{c['trainable_params']:>16,}"
+            f"{name:<{w}}{c['total_params']:>16,}{c['trainable_params']:>16,}"
             f"{c['trainable_share_pct']:>10.3f}{c['trainable_share_with_guide_pct']:>18.3f}{mark}"
         )
     lines.append("(* = the configured method with its configured options; others use their defaults)")

@@ -28,7 +28,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline.config import ExperimentConfig, StageTrain
 from pipeline.methods.protocol import SEQUENTIAL
-from stages.artifacts import META_FILE, PROGRESS_FILE, RAY_TRAIN_DIR, SKIPPED_FILE, STATE_FILE
+from stages.artifacts import META_FILE, PROGRESS_FILE, RAY_TRAIN_DIR, REPLAY_STORE_FILE, SKIPPED_FILE, STATE_FILE
 from stages.common import BaseModels, JsonlTail, load_state, save_state
 from stages.datasets import read_dataset
 from stages.train_worker import WorkerJob, train_loop_per_worker
@@ -197,15 +197,19 @@ def train_data(ctx, stage) -> tuple[Any, int, list]:
 
 
 def replay_rows(ctx, stage) -> dict[str, list[dict[str, Any]]]:
-    """The stored samples of the earlier tasks a method asks for (``replay_per_task``): the first
-    ``replay_per_task`` training records of each earlier task, images decoded."""
+    """The stored samples a method asks for (``stored_samples``): the first N training records of
+    each earlier task (and of the current one for a method with ``replay_current``), images
+    decoded. Deterministic in the data, so a resumed stage gets the same store."""
     from pipeline.methods.registry import method_class
 
-    n = int(getattr(method_class(ctx.cfg.method.name), "replay_per_task", 0) or 0)
-    if not n or not ctx.schedule.is_continual() or not stage.task_index:
+    cls = method_class(ctx.cfg.method.name)
+    counter = getattr(cls, "stored_samples", None)
+    n = int(counter(ctx.cfg.method.options) if counter else getattr(cls, "replay_per_task", 0) or 0)
+    upto = stage.task_index + (1 if getattr(cls, "replay_current", False) else 0)
+    if not n or not ctx.schedule.is_continual() or not upto:
         return {}
     out = {}
-    for task in ctx.cfg.tasks[: stage.task_index]:
+    for task in ctx.cfg.tasks[:upto]:
         ds, _ = read_dataset(ctx.source, task, "train", image_size=ctx.cfg.model.image_size, on_bad=ctx.cfg.data.on_bad,
                              decode_num_cpus=ctx.cfg.resources.decode_cpus, pad_color=ctx.pad_color())
         out[task] = ds.limit(n).take_all()
@@ -268,8 +272,13 @@ def run(ctx, stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
         ctx.tracker.log_metric_series(run_id, rows)
         show(rows)
 
+    stored = replay_rows(ctx, stage)
+    if stored:  # which samples are kept, and of which task: recorded beside the stage and in MLflow
+        (stage_dir / REPLAY_STORE_FILE).write_text(json.dumps({t: [str(r["id"]) for r in rows] for t, rows in stored.items()},
+                                                              indent=1))
+        ctx.tracker.log_artifact(run_id, stage_dir / REPLAY_STORE_FILE)
     job = TrainJob(stage_dir, index, stage.task_index, stage.task_name, ctx.schedule.name, n, prev,
-                   replay_rows=replay_rows(ctx, stage))
+                   replay_rows=stored)
     if ctx.resident_ok:
         try:
             result = ctx.resident.run(job, ctx.base, on_progress)

@@ -110,16 +110,18 @@ TOY_LR = {"ewc": 2e-3}
 
 
 def train_toy(method: Any, batch: dict, steps: int, lr: float | None = None, *, end_task: int | None = None,
-              replay: Any = None) -> list[float]:
+              replay: Any = None, task: int | None = None) -> list[float]:
     """``steps`` AdamW steps on one fixed batch through ``pipeline.training.fit`` (the train stage's
     loop: gradient hook, logging); returns the losses. ``end_task``: also end that task (the
     consolidate pass over the same batch, then end_task), as the train stage does after its
-    last step; None leaves the task open (a mid-task checkpoint)."""
+    last step; None leaves the task open (a mid-task checkpoint). ``task``: the open task's
+    index (the method's optional ``prepare`` pass gets it; default ``end_task``)."""
     from pipeline.training import FitJob, TorchEngine, fit, run_steps
 
     lr = TOY_LR.get(method.name, 1e-2) if lr is None else lr
     engine = TorchEngine.adamw(method, lr)
-    job = FitJob(end_task if end_task is not None else -1, "toy", steps)
+    index = end_task if end_task is not None else task
+    job = FitJob(-1 if index is None else index, "toy", steps)
     if end_task is None:
         return run_steps(method, engine, lambda epoch: [batch] * steps, job, replay=replay).losses
     return fit(method, engine, lambda epoch: [batch] * steps, job, task_batches=lambda: [batch], replay=replay).losses

@@ -29,6 +29,12 @@ class MethodBase(nn.Module):
     options_class: ClassVar[type | None] = None
     sweep_space: ClassVar[dict[str, Any]] = {}
     replay_per_task: ClassVar[int] = 0
+    replay_current: ClassVar[bool] = False  # the replay channel also holds the current task's store
+
+    @classmethod
+    def stored_samples(cls, options: dict[str, Any] | None) -> int:
+        """Stored training samples per task the method asks for, given its config options."""
+        return int(cls.replay_per_task or 0)
 
     def __init__(self, options: dict[str, Any] | None, lmm: Any, guide: Any) -> None:
         super().__init__()

@@ -88,3 +88,47 @@ def initial_prompts(table: torch.Tensor, m: int, how: str) -> torch.Tensor:
             return table[ids].float()
         mean, std = table.float().mean(dim=0), table.float().std()
         return mean.expand(m, -1) + 0.1 * std * torch.randn(m, table.shape[1], device=table.device)
+
+
+def guide_query(guide: Any, batch: dict[str, Any], kind: str) -> torch.Tensor:
+    """(B, d_guide) normalised frozen query feature of each input, no autograd.
+
+    ``image``: the guide's image embedding (the frozen encoder's single vector per image, what
+    L2P / DualPrompt / CODA-Prompt query with); ``image_text``: the normalised sum of the image
+    and instruction embeddings (ModalPrompt's two modalities).
+    """
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        q = F.normalize(guide.encode_image(batch["guide_pixels"]).float(), dim=-1)
+        if kind == "image_text":
+            q = F.normalize(q + F.normalize(guide.encode_text(batch["guide_text"]).float(), dim=-1), dim=-1)
+    return q
+
+
+def usage_diagnostics(predictions: dict[str, list[dict[str, Any]]], out_dir: Any, *, stem: str, unit: str,
+                      title: str, label: str) -> Any:
+    """Share of each test task's samples whose ``selected`` holds each unit (pool prompt, component,
+    expert prompt): ``<stem>.json`` and a heatmap. None when no record carries ``scores``."""
+    import json
+
+    from pipeline.figures import heatmap
+    from pipeline.methods.protocol import Diagnostics
+
+    tasks = [t for t in predictions if predictions[t] and predictions[t][0].get("scores")]
+    if not tasks:
+        return None
+    width = len(predictions[tasks[0]][0]["scores"])
+    usage = []
+    for t in tasks:
+        counts = [0.0] * width
+        for record in predictions[t]:
+            for j in record["selected"]:
+                counts[j] += 1
+        usage.append([c / len(predictions[t]) for c in counts])
+    used = sum(any(row[j] > 0 for row in usage) for j in range(width))
+    (out_dir / f"{stem}.json").write_text(json.dumps({"tasks": tasks, "usage": usage}, indent=2))
+    fig = heatmap(usage, rows=tasks, cols=[str(j) for j in range(width)], fmt="{:.2f}", title=title,
+                  path=out_dir / f"{stem}.png", xlabel=unit, ylabel="test task")
+    return Diagnostics(summary={f"{stem}_used": float(used)}, files=[out_dir / f"{stem}.json", fig],
+                       lines=[f"{label}: {used} of {width} {unit}s selected by some test sample"])

@@ -26,7 +26,8 @@ Class attributes (``pipeline.methods.base.MethodBase`` supplies the defaults):
     options_class  the options dataclass (None: no options), checked when a config loads
     sweep_space    the method's default Ray Tune search space (``python pipeline/main.py tune``)
     replay_per_task  stored training samples per earlier task the method asks for (0: none);
-                   they reach it through ``attach_replay(channel)`` (``ReplayChannel``)
+                   they reach it through ``attach_replay(channel)`` (``ReplayChannel``); a
+                   method whose count is an option overrides the classmethod ``stored_samples``
 
 Optional hooks, for methods that need them (``adjust_gradients`` / ``finish_task`` below are the
 one place that decides how they are called):
@@ -45,7 +46,13 @@ one place that decides how they are called):
                                   ``mean_over_workers(tensor)``. Gradients here must come from
                                   ``torch.autograd.grad``.
     attach_replay(channel)     -> before training task t, when ``replay_per_task > 0``: a
-                                  ``ReplayChannel`` of stored samples of the earlier tasks.
+                                  ``ReplayChannel`` of stored samples of the earlier tasks (and of
+                                  task t itself when the class sets ``replay_current = True``).
+    prepare(t, batches, mean_over_workers)
+                               -> before task t's first training step (again when a stage resumes):
+                                  one pass over task t's training data (this worker's shard) for
+                                  what the task's training needs up front, e.g. ProgLoRA's static
+                                  task embeddings. Reduce across workers as ``consolidate`` does.
     diagnostics(predictions, learned, out_dir)  (classmethod, on the driver, no model)
                                -> after an evaluate stage: a method's own summary numbers and
                                   figures from the stage's prediction records (``Diagnostics``).
@@ -74,8 +81,10 @@ class Generation:
     """Output of ``ContinualMethod.generate`` for one batch.
 
     texts:    one decoded answer per sample (may be "").
-    selected: per sample, the 0-based task indices whose parameters were used, most similar
-              first (prompt-selection methods); None for methods that do not select.
+    selected: per sample, the 0-based indices of the method's own units that were used, most
+              similar first (ModalPrompt: tasks' prompt sets; L2P: pool prompts; CODA-Prompt: the
+              component of largest weight; DualPrompt: the expert prompt's task); None for methods
+              that do not select.
     scores:   optional (B, n_tasks) similarity scores used for selection, for diagnostics.
     """
 
@@ -154,6 +163,10 @@ class ReplayChannel:
     def __len__(self) -> int:
         return sum(len(r) for r in self.rows.values())
 
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """A training batch of the given stored rows."""
+        return self._collate(rows)
+
     def batch(self, task: str, n: int) -> dict[str, Any]:
         if task not in self.rows:
             raise KeyError(f"replay: no stored samples of task {task!r}; stored: {self.tasks}")
@@ -174,6 +187,24 @@ def adjust_gradients(method: Any, grads: GradAccess) -> bool:
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def prepare_task(
+    method: Any,
+    task_index: int,
+    batches: Callable[[], Iterable[dict[str, Any]]] | None,
+    mean_over_workers: Callable[[torch.Tensor], torch.Tensor] = _identity,
+) -> bool:
+    """Run the method's optional ``prepare`` pass over task ``task_index``'s data (``batches`` is
+    called only if the method has the hook); True if it ran."""
+    hook = getattr(method, "prepare", None)
+    if hook is None:
+        return False
+    if batches is None:
+        raise RuntimeError(f"method {getattr(method, 'name', method)!r} prepares each task from its data, "
+                           "but this loop was given no task data")
+    hook(task_index, batches(), mean_over_workers)
+    return True
 
 
 def finish_task(

@@ -5,6 +5,7 @@ shards; the contract tests run it with ``TorchEngine`` on toy batches. The order
 points is fixed, as in a continual-learning loop (avalanche's ``before_training_exp`` ...):
 
     attach_replay(channel)      once, before the first step, if the method asks for replay
+    prepare(t, batches, mean)   once, before the first step, if the method has the hook
     per micro-batch:            engine(batch) -> engine.backward(loss) ->
                                 [optimizer boundary] adjust_gradients(grads) -> engine.step()
     on_log(row)                 every ``log_every`` steps and at the last one
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
-from pipeline.methods.protocol import GradAccess, ReplayChannel, adjust_gradients, finish_task
+from pipeline.methods.protocol import GradAccess, ReplayChannel, adjust_gradients, finish_task, prepare_task
 
 Batch = dict[str, Any]
 
@@ -115,12 +116,18 @@ def run_steps(
     on_log: Callable[[dict[str, Any]], None] | None = None,
     on_checkpoint: Callable[[int, float], None] | None = None,
     to_device: Callable[[Batch], Batch] = lambda b: b,
+    task_batches: Callable[[], Iterable[Batch]] | None = None,
+    mean_over_workers: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> FitResult:
     """The steps of ``fit`` (the task stays open): ``job.total_steps`` micro-batches drawn from
-    ``epoch_batches(epoch)``, epoch after epoch."""
+    ``epoch_batches(epoch)``, epoch after epoch. ``task_batches``: the task's data in order, for
+    the method's optional ``prepare`` pass (default: epoch 0 of ``epoch_batches``)."""
     grads = grads or GradAccess()
-    if replay is not None and getattr(method, "replay_per_task", 0) and hasattr(method, "attach_replay"):
+    if replay is not None and hasattr(method, "attach_replay"):
         method.attach_replay(replay)
+    batches = task_batches or (lambda: epoch_batches(0))
+    prepare_task(method, job.task_index, lambda: (to_device(b) for b in batches()),
+                 *(() if mean_over_workers is None else (mean_over_workers,)))
     step, epoch, seen, last_loss, loop_s = 0, 0, 0, float("nan"), 0.0
     losses: list[float] = []
     t_start, first_batch_s = time.time(), None
@@ -177,7 +184,8 @@ def fit(
     ``epoch_batches(epoch)`` (``run_steps``), then end the task (``finish_task``: the optional
     consolidate pass over ``task_batches()``, default: one epoch in order, then ``end_task``)."""
     result = run_steps(method, engine, epoch_batches, job, grads=grads, replay=replay, on_log=on_log,
-                       on_checkpoint=on_checkpoint, to_device=to_device)
+                       on_checkpoint=on_checkpoint, to_device=to_device, task_batches=task_batches,
+                       mean_over_workers=mean_over_workers)
     t0 = time.time()
     batches = task_batches or (lambda: epoch_batches(0))
     consolidated = finish_task(method, job.task_index, lambda: (to_device(b) for b in batches()),

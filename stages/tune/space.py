@@ -72,11 +72,11 @@ class Param:
             return [float(v) for v in self.values]
         return list(self.values)
 
-    def describe(self, search: str) -> str:
+    def describe(self, search: str, key_width: int = 14, path_width: int = 28) -> str:
         form = "grid" if self.is_grid(search) else self.kind
         vals = ", ".join(repr(v) for v in self.values)
         shown = {"value": vals, "randint": f"[{vals}] (inclusive)"}.get(self.kind, f"[{vals}]")
-        return f"{self.key:<14} -> {self.path:<28} {form} {shown}"
+        return f"{self.key:<{key_width}} -> {self.path:<{path_width}} {form} {shown}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "path": self.path, "kind": self.kind, "values": list(self.values)}

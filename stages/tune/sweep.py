@@ -130,7 +130,9 @@ def describe(sweep: Sweep) -> str:
     origin = f"; {sweep.cfg.method.name}'s default, tune.space is empty" if sweep.default_space else ""
     lines = [f"Sweep of {sweep.cfg.name!r} ({sweep.cfg.method.name}, {sweep.n_tasks} tasks: {', '.join(sweep.base['tasks'])})",
              f"  directory: {sweep.directory}", f"Search space (key -> config path, domain{origin}):"]
-    lines += [f"  {p.describe(tc.search)}" for p in sweep.params]
+    kw = max([14] + [len(p.key) for p in sweep.params])
+    pw = max([28] + [len(p.path) for p in sweep.params])
+    lines += [f"  {p.describe(tc.search, kw, pw)}" for p in sweep.params]
     first = {"last": "Last", 0.0: "0"}.get(obj.fallback, obj.fallback) if obj.fallback is not None else None
     lines.append(f"Objective: {obj.name} (metric {obj.metric!r}, mode {obj.mode})"
                  + (f"; after the first task it is undefined and {first} is reported" if first else ""))
