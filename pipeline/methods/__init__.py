@@ -6,6 +6,7 @@ from pipeline.methods import dualprompt  # noqa: F401
 from pipeline.methods import ewc  # noqa: F401
 from pipeline.methods import l2p  # noqa: F401
 from pipeline.methods import lora  # noqa: F401
+from pipeline.methods import lwf  # noqa: F401
 from pipeline.methods import modalprompt  # noqa: F401
 from pipeline.methods import multitask  # noqa: F401
 from pipeline.methods import proglora  # noqa: F401
