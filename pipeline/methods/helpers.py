@@ -132,3 +132,26 @@ def usage_diagnostics(predictions: dict[str, list[dict[str, Any]]], out_dir: Any
                   path=out_dir / f"{stem}.png", xlabel=unit, ylabel="test task")
     return Diagnostics(summary={f"{stem}_used": float(used)}, files=[out_dir / f"{stem}.json", fig],
                        lines=[f"{label}: {used} of {width} {unit}s selected by some test sample"])
+
+
+def wrap_linears(model: nn.Module, pattern: str, make: Any, owner: str) -> dict[str, tuple[int, int]]:
+    """Replace every ``nn.Linear`` of ``model`` whose module name fully matches ``pattern`` by
+    ``make(linear, target)`` (a wrapper module that keeps the linear as its ``base``); ``target``
+    is the module name with dots replaced (usable as a ModuleDict key). Returns target ->
+    (in_features, out_features). A model that already carries adapters is refused: build a fresh
+    LMM per method. The base model's code is untouched; only its module tree gains wrappers."""
+    import re
+
+    if getattr(model, "peft_config", None) or any(getattr(m, "wraps_base_linear", False) for m in model.modules()):
+        raise RuntimeError(f"{owner}: this LMM already carries adapters; build a fresh LMM per method")
+    rx = re.compile(pattern)
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and rx.fullmatch(n)]
+    if not found:
+        raise RuntimeError(f"{owner}: no module of the LMM matched {pattern!r}")
+    targets = {}
+    for name, mod in found:
+        parent_name, _, child = name.rpartition(".")
+        target = name.replace(".", "__")
+        setattr(model.get_submodule(parent_name), child, make(mod, target))
+        targets[target] = (mod.in_features, mod.out_features)
+    return targets

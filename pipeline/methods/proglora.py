@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
@@ -63,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.methods.base import MethodBase
-from pipeline.methods.helpers import gathered
+from pipeline.methods.helpers import gathered, wrap_linears
 from pipeline.methods.lora import LLM_LINEAR_TARGETS
 from pipeline.methods.protocol import Diagnostics, Generation, ReplayChannel
 from pipeline.methods.registry import parse_options, register
@@ -132,6 +131,8 @@ class PoolLinear(nn.Module):
     belong to the method's module tree (not registered here), so the base model's state is
     unchanged and the method's state holds only its own tensors."""
 
+    wraps_base_linear = True
+
     def __init__(self, base: nn.Linear, target: str, method: "ProgLoRA") -> None:
         super().__init__()
         self.base = base
@@ -162,10 +163,6 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.w2(F.silu(self.w1(x))))
-
-
-def _safe(name: str) -> str:
-    return name.replace(".", "__")
 
 
 class ProgLoRA(MethodBase):
@@ -217,19 +214,7 @@ class ProgLoRA(MethodBase):
     # ------------------------------------------------------------------ injection
     def _wrap(self, model: nn.Module) -> dict[str, tuple[int, int]]:
         """Wrap every targeted LLM linear in a ``PoolLinear``; returns target -> (d_in, d_out)."""
-        if getattr(model, "peft_config", None) or any(isinstance(m, PoolLinear) for m in model.modules()):
-            raise RuntimeError("proglora: this LMM already carries adapters; build a fresh LMM per method")
-        pattern = re.compile(LLM_LINEAR_TARGETS)
-        found = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and pattern.fullmatch(name)]
-        if not found:
-            raise RuntimeError(f"proglora: no module of the LMM matched {LLM_LINEAR_TARGETS!r}")
-        targets = {}
-        for name, mod in found:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            setattr(parent, child, PoolLinear(mod, _safe(name), self))
-            targets[_safe(name)] = (mod.in_features, mod.out_features)
-        return targets
+        return wrap_linears(model, LLM_LINEAR_TARGETS, lambda mod, target: PoolLinear(mod, target, self), "proglora")
 
     # ------------------------------------------------------------------ tasks
     @property
