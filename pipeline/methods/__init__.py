@@ -8,6 +8,7 @@ from pipeline.methods import l2p  # noqa: F401
 from pipeline.methods import lora  # noqa: F401
 from pipeline.methods import lwf  # noqa: F401
 from pipeline.methods import modalprompt  # noqa: F401
+from pipeline.methods import moelora  # noqa: F401
 from pipeline.methods import multitask  # noqa: F401
 from pipeline.methods import proglora  # noqa: F401
 from pipeline.methods import zeroshot  # noqa: F401
