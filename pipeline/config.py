@@ -188,6 +188,10 @@ class EvalConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     max_new_tokens: int | None = None  # default: model.max_new_tokens
+    # also train each task alone from the base and evaluate it on its own test set (the isolation
+    # row A0 behind FWT; a sub-run per task under <run dir>/isolation/); not part of the run's
+    # fingerprint, so a finished run adds its row when re-run with eval.isolation=true
+    isolation: bool = False
 
 
 @dataclass
@@ -382,6 +386,7 @@ def _run_view(raw: dict[str, Any]) -> dict[str, Any]:
         run.get("method", {}).pop("plugins", None)
     if not run.get("data", {}).get("custom_tasks"):
         run.get("data", {}).pop("custom_tasks", None)
+    run.get("eval", {}).pop("isolation", None)  # extra stages beside the run, not a different run
     return run
 
 

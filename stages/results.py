@@ -52,7 +52,9 @@ class RunResults:
             out.append(self.matrix[t])
         return out
 
-    def finish(self, markers: dict[str, dict[str, Any]], t_start: float) -> dict[str, Any]:
+    def finish(self, markers: dict[str, dict[str, Any]], t_start: float,
+               isolation: list[float] | None = None) -> dict[str, Any]:
+        """``isolation``: each task's score when trained alone from the base (A0), for FWT."""
         ctx, cfg = self.ctx, self.ctx.cfg
         root, tracker, parent = ctx.rundir.root, ctx.tracker, ctx.tracker.parent_id
         earlier = ctx.rundir.invocations()  # this one is recorded when the run returns
@@ -61,7 +63,7 @@ class RunResults:
         tasks = list(cfg.tasks)
         if ctx.schedule.is_continual():
             matrix = self.rows()
-            metrics = all_metrics(matrix)
+            metrics = all_metrics(matrix, isolation)
         else:  # a single evaluation after joint training / of the base model
             final = self.matrix[len(tasks) - 1]
             matrix = [final]
@@ -76,6 +78,7 @@ class RunResults:
         results = {
             "method": cfg.method.name, "method_options": cfg.method.options, "schedule": ctx.schedule.name,
             "tasks": tasks, "matrix": matrix, "metrics": metrics,
+            **({"isolation": isolation} if isolation is not None else {}),
             "mlflow": {"tracking_uri": tracker.uri, "experiment": tracker.experiment, "run_id": parent},
             "stage_wall_s": {sid: round(m["wall_s"], 2) for sid, m in markers.items()},
             "stage_overhead_s": overhead, "run_wall_s": round(wall, 2),
@@ -85,7 +88,10 @@ class RunResults:
             "diagnostics": summary, "diagnostics_lines": diag.get("lines", []),
         }
         write_json_atomic(root / RESULTS_FILE, results)
-        (root / MATRIX_JSON).write_text(json.dumps({"tasks": tasks, "matrix": matrix}, indent=2))
+        (root / MATRIX_JSON).write_text(json.dumps({"tasks": tasks, "matrix": matrix,
+                                                    **({"isolation": isolation} if isolation else {})}, indent=2))
+        if "fwt" in metrics:
+            tracker.log_metrics(parent, {"fwt": metrics["fwt"], **{f"isolation/{t}": v for t, v in zip(tasks, isolation)}})
         labels = tasks[: len(matrix)] if ctx.schedule.is_continual() else [ctx.schedule.name]
         csv_rows = ["after," + ",".join(tasks)] + [
             f"{label}," + ",".join(f"{v:.2f}" for v in row) for label, row in zip(labels, matrix)]
@@ -112,6 +118,9 @@ def format_results(results: dict[str, Any]) -> str:
         lines.append(f"{label:<{width}}" + "".join(f"{v:>10.2f}" for v in row))
     m = results["metrics"]
     keys = [k for k in ("last", "avg", "B", "M", "acc", "maa", "bwt", "la", "fwt") if k in m]
+    if results.get("isolation"):
+        lines.append(f"{'alone':<{width}}" + "".join(f"{v:>10.2f}" for v in results["isolation"])
+                     + "   (each task trained alone from the base: the isolation row behind FWT)")
     lines.append("Metrics: " + ", ".join(f"{k}={m[k]:.2f}" for k in keys))
     lines += results.get("diagnostics_lines") or []
     ml = results["mlflow"]

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import ray
 
-from pipeline.config import REPO_ROOT, ConfigError, ExperimentConfig
+from pipeline.config import REPO_ROOT, ConfigError, ExperimentConfig, config_from_dict
 from stages import dag as dagmod
 from stages.common import data_source
 from stages.context import RunContext
@@ -214,7 +214,8 @@ class PipelineRun:
             markers = dagmod.DagExecutor(self.stages, self._run_stage, rundir=rundir, tracker=tracker,
                                          on_done=self._on_done, log=self.log,
                                          background={"evaluate"} if overlap else ()).run()
-            results = ctx.results.finish(markers, t_start)
+            isolation = self._isolation_row(tracker, parent) if cfg.eval.isolation else None
+            results = ctx.results.finish(markers, t_start, isolation)
             ok, outcome = True, "finished"
             return results
         except (KeyboardInterrupt, SystemExit):
@@ -234,6 +235,28 @@ class PipelineRun:
             finally:
                 tracker.end(parent, ok=ok)
                 self._logs.close()
+
+    def _isolation_row(self, tracker: Tracker, parent: str) -> list[float] | None:
+        """A0 of FWT: each task trained alone from the base by the same method and evaluated on
+        its own test set, a one-task run per task in ``<run dir>/isolation/<task>/`` (resumable,
+        tracked under this run in MLflow). One after another: each sub-run's stages already take
+        the resources this run's stages take."""
+        from stages.seeds import seed_config  # the same config rewrite: one value changed, checked again
+
+        cfg = self.cfg
+        if not schedule_for(self.schedule).is_continual():
+            self.log(f"eval.isolation: {cfg.method.name} does not learn task after task; no isolation row")
+            return None
+        row = []
+        for i, task in enumerate(cfg.tasks):
+            self.log(f"isolation row {i + 1}/{len(cfg.tasks)}: {task} trained alone from the base")
+            raw = seed_config(cfg, cfg.seed, tracker.uri).to_dict()
+            raw["tasks"], raw["eval"]["isolation"] = [task], False
+            sub = PipelineRun(config_from_dict(raw), self.rundir.root / "isolation" / task,
+                              log=lambda line, task=task: self.log(f"  [alone {task}] {line}"),
+                              mlflow_parent=parent, verbose=self.verbose)
+            row.append(float(sub.run()["matrix"][0][0]))
+        return row
 
     def _run_stage(self, stage: dagmod.Stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
         return STAGE_KINDS[stage.kind].run(self.ctx, stage, stage_dir, run_id)

@@ -95,6 +95,8 @@ def test_env_vars_expand_and_fingerprint_follows_config(monkeypatch):
     assert cfg.data.root == "s3://bucket/coin"
     assert load_config(None).fingerprint() == load_config(None).fingerprint()
     assert load_config(None).fingerprint() != load_config(None, ["seed=1"]).fingerprint()
+    # the isolation row runs beside a run and changes none of its stages: a finished run adds it
+    assert load_config(None, ["eval.isolation=true"]).fingerprint() == load_config(None).fingerprint()
 
 
 def test_overrides_may_follow_options_on_the_command_line():

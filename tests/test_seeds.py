@@ -58,7 +58,7 @@ def test_two_seeds_run_as_one_experiment_with_nested_mlflow_runs(tmp_path) -> No
     from mlflow.tracking import MlflowClient
 
     out, cache = tmp_path / "exp", tmp_path / "cache"
-    args = ["--seeds", "0,1", "tasks=[ScienceQA,ImageNet]", "train.epochs=0.5"]
+    args = ["--seeds", "0,1", "tasks=[ScienceQA,ImageNet]", "train.epochs=0.5", "eval.isolation=true"]
     proc = run_pipeline(out, cache, *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     summary = json.loads((out / "seeds_summary.json").read_text())
@@ -70,6 +70,15 @@ def test_two_seeds_run_as_one_experiment_with_nested_mlflow_runs(tmp_path) -> No
         assert summary["metrics"][key]["min"] == min(vals) and summary["metrics"][key]["max"] == max(vals)
     assert per_seed[0]["matrix"] != per_seed[1]["matrix"] or per_seed[0]["metrics"] == per_seed[1]["metrics"]
     assert "Over seeds 0, 1 (modalprompt)" in proc.stdout and (out / "seeds_per_task.png").stat().st_size > 0
+    # the isolation row: each task trained alone from the base, a one-task run of its own
+    for s in (0, 1):
+        res = per_seed[s]
+        alone = [json.loads((out / f"seed-{s}" / "isolation" / t / "results.json").read_text()) for t in res["tasks"]]
+        assert all(a["tasks"] == [t] and len(a["matrix"]) == 1 for a, t in zip(alone, res["tasks"]))
+        assert res["isolation"] == [a["matrix"][0][0] for a in alone]
+        la = sum(res["matrix"][i][i] for i in range(2)) / 2
+        assert res["metrics"]["fwt"] == pytest.approx(la - sum(res["isolation"]) / 2)
+    assert summary["metrics"]["fwt"]["mean"] == pytest.approx(sum(per_seed[s]["metrics"]["fwt"] for s in (0, 1)) / 2)
     # one store: the experiment's parent run, the seed runs nested under it, their stages under them
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     parent = summary["mlflow"]["run_id"]
@@ -78,11 +87,17 @@ def test_two_seeds_run_as_one_experiment_with_nested_mlflow_runs(tmp_path) -> No
     assert run.data.metrics["last_mean"] == pytest.approx(summary["metrics"]["last"]["mean"])
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(c.info.run_id for c in children) == sorted(per_seed[s]["mlflow"]["run_id"] for s in (0, 1))
+    alone_runs = client.search_runs([run.info.experiment_id],
+                                    f"tags.mlflow.parentRunId = '{per_seed[0]['mlflow']['run_id']}' and tags.method = 'modalprompt'")
+    assert len(alone_runs) == 2  # seed 0's isolation sub-runs, nested under seed 0's run
+    assert client.get_run(per_seed[0]["mlflow"]["run_id"]).data.metrics["fwt"] == pytest.approx(per_seed[0]["metrics"]["fwt"])
     assert {c.data.params["seed"] for c in children} == {"0", "1"}
     # the same command again resumes: every stage of both seeds is verified and skipped
     again = run_pipeline(out, cache, *args)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
     assert json.loads((out / "seeds_summary.json").read_text())["metrics"] == summary["metrics"]
-    stage_lines = [ln for ln in again.stdout.splitlines() if ln.startswith("[")]
-    assert len(stage_lines) == 2 * len(per_seed[0]["stage_wall_s"])
+    stage_lines = [ln.split("] ", 1)[-1] if ln.startswith("  [alone") else ln for ln in again.stdout.splitlines()]
+    stage_lines = [ln for ln in stage_lines if ln.startswith("[")]
+    one_task = len(json.loads((out / "seed-0" / "isolation" / "ScienceQA" / "results.json").read_text())["stage_wall_s"])
+    assert len(stage_lines) == 2 * (len(per_seed[0]["stage_wall_s"]) + 2 * one_task)
     assert all(ln.endswith("complete (outputs verified), skipped") for ln in stage_lines), stage_lines
