@@ -108,6 +108,22 @@ def _save_checkpoint(method, progress: dict[str, Any], tasks_done: list[int], fi
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name)
 
 
+def register_for_zero3(method, ds_cfg: dict[str, Any]) -> int:
+    """Under ZeRO-3 a parameter is whole only inside its own module's forward. Methods read
+    theirs elsewhere too (EWC's penalty on the LoRA weights, keys in a ParameterList, a router
+    between calls), so every parameter the method owns (``own_parameters``) is registered as an
+    external parameter of the method itself: gathered for the whole of its forward. The base
+    model's own weights are not. Returns how many were registered (0 below ZeRO-3)."""
+    if int((ds_cfg.get("zero_optimization") or {}).get("stage", 0)) != 3:
+        return 0
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    own = method.own_parameters() if hasattr(method, "own_parameters") else list(method.parameters())
+    for p in own:
+        register_external_parameter(method, p)
+    return len(own)
+
+
 def prepare_method(method, *, prev_state: str | Path | None, checkpoint_dir: Path | None, job: str,
                    task_index: int, task_name: str) -> int:
     """Restore the earlier tasks' frozen state, then the job's own mid-stage checkpoint if
@@ -167,6 +183,7 @@ def run_job(job: WorkerJob, *, t_enter: float, dataset_name: str, final_dir: str
         use_bf16=(device == "cuda" and cfg.model.dtype == "bfloat16"),
     )
     params = [p for p in method.trainable_parameters() if p.requires_grad]
+    register_for_zero3(method, ds_cfg)
     engine, _, _, _ = deepspeed.initialize(model=method, model_parameters=params, config=ds_cfg,
                                            lr_scheduler=lr_schedule(settings, job.total_steps, start_step))
     method.train()

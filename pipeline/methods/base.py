@@ -51,6 +51,11 @@ class MethodBase(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def own_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that is the method's own state, trainable now or not (the base model's
+        weights excluded): what DeepSpeed ZeRO-3 must gather for the method's forward."""
+        return list(self.parameters())
+
     def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError(f"method {self.name!r}: training_loss")
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
-from pipeline.methods.helpers import base_lm_loss
+from pipeline.methods.helpers import gathered, base_lm_loss
 from pipeline.methods.registry import register
 from pipeline.methods.lora import LoRAOptions, SequentialLoRA
 
@@ -101,7 +101,11 @@ class EWC(SequentialLoRA):
         params = self._adapter
         if not all(p.requires_grad for p in params):
             raise RuntimeError("ewc: consolidate runs before end_task, while the adapter is trainable")
-        fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        # outside the engine's forward: under ZeRO-3 the adapter is whole only inside ``gathered``
+        # (the forward passes below gather and release it themselves)
+        with gathered(params):
+            anchor = [p.detach().float().clone() for p in params]
+        fisher = [torch.zeros_like(a) for a in anchor]
         n = 0
         for batch in batches:
             if self.opts.fisher_batches is not None and n >= self.opts.fisher_batches:
@@ -113,7 +117,7 @@ class EWC(SequentialLoRA):
         if n == 0:
             raise ValueError(f"ewc: no training batch to estimate task {task_index}'s Fisher from")
         self._fisher.append([mean_over_workers(f / n) for f in fisher])
-        self._anchor.append([p.detach().float().clone() for p in params])
+        self._anchor.append(anchor)
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:

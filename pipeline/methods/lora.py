@@ -104,6 +104,10 @@ class SequentialLoRA(MethodBase):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self._adapter if p.requires_grad]
 
+    def own_parameters(self) -> list[nn.Parameter]:
+        """The adapter (``self.model`` is the whole LMM, registered for the engine's sake)."""
+        return list(self._adapter)
+
     def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """Plain LM cross-entropy of the adapted LMM."""
         return base_lm_loss(self.lmm, batch)

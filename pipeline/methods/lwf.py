@@ -12,8 +12,10 @@ with temperature T (``temperature``, 2.0 by default, as LwF's paper) and weight
 apply). The teacher is the same adapter's weights when the previous task ended. They are kept in
 the method's state (``lwf.teacher.*``), so a resumed task distils towards the same teacher. The
 teacher's logits come from ``torch.func.functional_call`` with the teacher's adapter tensors in
-place of the student's: nothing is swapped in place, which also holds under DeepSpeed ZeRO-3.
-The first task has no teacher and trains on the cross-entropy alone.
+place of the student's: nothing is swapped in place. DeepSpeed ZeRO-3's partitioned parameters do
+not allow that substitution, so LwF trains under ZeRO-2 (the default, ``cluster/deepspeed/zero2.json``)
+and stops with a clear error under ZeRO-3. The first task has no teacher and trains on the
+cross-entropy alone.
 """
 
 from __future__ import annotations
@@ -99,6 +101,10 @@ class LwF(SequentialLoRA):
         if params is None:
             hidden = inner(**kwargs).last_hidden_state
         else:
+            if any(hasattr(p, "ds_id") for p in self._adapter):
+                raise RuntimeError("lwf: the teacher's forward substitutes the adapter's tensors, which DeepSpeed "
+                                   "ZeRO-3's partitioned parameters do not allow; train LwF with ZeRO-2 "
+                                   "(train.deepspeed=cluster/deepspeed/zero2.json, the default)")
             stand_in = {n[len("model."):]: t for n, t in params.items()}
             hidden = torch.func.functional_call(inner, stand_in, (), kwargs, strict=False).last_hidden_state
         return self.model.get_output_embeddings()(hidden[:, :-1][keep]).float()
