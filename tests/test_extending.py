@@ -162,6 +162,16 @@ def test_the_plugin_method_trains_a_two_task_pipeline_and_replays_stored_samples
     steps = json.loads((out / "stages" / "05-train-Darkness" / "DONE.json").read_text())["result"]["steps"]
     assert float(second["replayed"]) == steps  # one replay batch beside every batch of task 2
     assert (first["bias.0"] == second["bias.0"]).all()  # the frozen task stayed frozen
+    # which samples were stored, and of which task, is recorded beside the stage and in MLflow
+    store = json.loads((out / "stages" / "05-train-Darkness" / "replay_store.json").read_text())
+    assert store == {"ScienceQA": ["sqa-1", "sqa-2"]}
+    assert not (out / "stages" / "02-train-ScienceQA" / "replay_store.json").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(res["mlflow"]["tracking_uri"])
+    stage_run = client.search_runs([client.get_run(res["mlflow"]["run_id"]).info.experiment_id],
+                                   "tags.stage = '05-train-Darkness'")[0]
+    assert "replay_store.json" in [a.path for a in client.list_artifacts(stage_run.info.run_id)]
 
 
 @pytest.mark.slow
