@@ -164,7 +164,7 @@ def test_the_plugin_method_trains_a_two_task_pipeline_and_replays_stored_samples
     assert (first["bias.0"] == second["bias.0"]).all()  # the frozen task stayed frozen
     # which samples were stored, and of which task, is recorded beside the stage and in MLflow
     store = json.loads((out / "stages" / "05-train-Darkness" / "replay_store.json").read_text())
-    assert store == {"ScienceQA": ["sqa-1", "sqa-2"]}
+    assert store == {"ScienceQA": ["scienceqa_train_00000", "scienceqa_train_00001"]}  # its first two records
     assert not (out / "stages" / "02-train-ScienceQA" / "replay_store.json").exists()
     from mlflow.tracking import MlflowClient
 
