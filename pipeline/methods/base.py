@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pipeline.methods.helpers import hold_frozen
+from pipeline.methods.helpers import gathered, hold_frozen
 from pipeline.methods.protocol import SEQUENTIAL, Diagnostics, Generation
 from pipeline.methods.registry import parse_options
 
@@ -66,10 +66,14 @@ class MethodBase(nn.Module):
         raise NotImplementedError(f"method {self.name!r}: generate")
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.state_dict().items()}
+        """Every registered tensor, whole (gathered under ZeRO-3), cloned to CPU: a snapshot the
+        caller may keep while training goes on."""
+        with gathered(self.parameters()):
+            return {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.load_state_dict(tensors)
+        with gathered(self.parameters(), modifier_rank=0):
+            self.load_state_dict(tensors, strict=True)
 
     def task_keys(self, task_index: int) -> list[str]:
         return []

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.methods.base import MethodBase
-from pipeline.methods.helpers import base_embeds, gathered, guide_query, initial_prompts, usage_diagnostics
+from pipeline.methods.helpers import base_embeds, guide_query, initial_prompts, usage_diagnostics
 from pipeline.methods.protocol import Diagnostics, Generation
 from pipeline.methods.registry import register
 
@@ -102,13 +102,6 @@ class L2P(MethodBase):
         self.prompts.requires_grad_(False)
         self.keys.requires_grad_(False)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        with gathered(self.parameters()):
-            return {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        with gathered(self.parameters(), modifier_rank=0):
-            self.load_state_dict(tensors, strict=True)
 
     # ------------------------------------------------------------------ selection
     def query(self, batch: dict[str, Any]) -> torch.Tensor:

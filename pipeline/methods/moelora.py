@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from pipeline.methods.base import MethodBase
-from pipeline.methods.helpers import base_embeds, gathered, wrap_linears
+from pipeline.methods.helpers import base_embeds, wrap_linears
 from pipeline.methods.lora import LLM_LINEAR_TARGETS
 from pipeline.methods.protocol import Generation
 from pipeline.methods.registry import register
@@ -137,13 +137,8 @@ class MoELoRA(MethodBase):
     def begin_task(self, task_index: int, task_name: str = "") -> None:
         self.experts.requires_grad_(True)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        with gathered(self.parameters()):
-            return {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
-
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        with gathered(self.parameters(), modifier_rank=0):
-            self.load_state_dict(tensors, strict=True)
+        super().load_state_tensors(tensors)
         self.experts.requires_grad_(False)
 
     def _arm(self, mask: torch.Tensor, length: int) -> None:
