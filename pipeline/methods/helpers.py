@@ -134,6 +134,19 @@ def usage_diagnostics(predictions: dict[str, list[dict[str, Any]]], out_dir: Any
                        lines=[f"{label}: {used} of {width} {unit}s selected by some test sample"])
 
 
+class WrappedLinear(nn.Module):
+    """Base of the adapter methods' wrappers around one frozen LLM linear (``wrap_linears``):
+    holds the linear as ``base``, its ``target`` name, and the owning method WITHOUT registering
+    it (the method's tensors stay in the method's tree; the base model's state is unchanged)."""
+
+
+    def __init__(self, base: nn.Linear, target: str, method: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.target = target
+        object.__setattr__(self, "_method", method)
+
+
 def wrap_linears(model: nn.Module, pattern: str, make: Any, owner: str) -> dict[str, tuple[int, int]]:
     """Replace every ``nn.Linear`` of ``model`` whose module name fully matches ``pattern`` by
     ``make(linear, target)`` (a wrapper module that keeps the linear as its ``base``); ``target``
@@ -142,7 +155,7 @@ def wrap_linears(model: nn.Module, pattern: str, make: Any, owner: str) -> dict[
     LMM per method. The base model's code is untouched; only its module tree gains wrappers."""
     import re
 
-    if getattr(model, "peft_config", None) or any(getattr(m, "wraps_base_linear", False) for m in model.modules()):
+    if getattr(model, "peft_config", None) or any(isinstance(m, WrappedLinear) for m in model.modules()):
         raise RuntimeError(f"{owner}: this LMM already carries adapters; build a fresh LMM per method")
     rx = re.compile(pattern)
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and rx.fullmatch(n)]

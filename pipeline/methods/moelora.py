@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from pipeline.methods.base import MethodBase
-from pipeline.methods.helpers import base_embeds, wrap_linears
+from pipeline.methods.helpers import WrappedLinear, base_embeds, wrap_linears
 from pipeline.methods.lora import LLM_LINEAR_TARGETS
 from pipeline.methods.protocol import Generation
 from pipeline.methods.registry import register
@@ -83,16 +83,11 @@ class Experts(nn.Module):
         return torch.softmax(summary.to(self.router.dtype) @ self.router.T, dim=-1)
 
 
-class MoELinear(nn.Module):
+class MoELinear(WrappedLinear):
     """A frozen LLM linear plus its experts (owned by the method, not registered here)."""
 
-    wraps_base_linear = True
-
     def __init__(self, base: nn.Linear, target: str, method: "MoELoRA") -> None:
-        super().__init__()
-        self.base = base
-        self.target = target
-        object.__setattr__(self, "_method", method)
+        super().__init__(base, target, method)
         self.last_gate: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.methods.base import MethodBase
-from pipeline.methods.helpers import gathered, wrap_linears
+from pipeline.methods.helpers import WrappedLinear, gathered, wrap_linears
 from pipeline.methods.lora import LLM_LINEAR_TARGETS
 from pipeline.methods.protocol import Diagnostics, Generation, ReplayChannel
 from pipeline.methods.registry import parse_options, register
@@ -125,19 +125,11 @@ class Block(nn.Module):
         return self.B(self.A(x.to(self.A.weight.dtype)))
 
 
-class PoolLinear(nn.Module):
+class PoolLinear(WrappedLinear):
     """A frozen linear layer of the LLM plus the method's pool of blocks for it: W x + scale *
     sum_n w[b, n] BLK_n(x), with the per-sample weights the method set for this call. The blocks
     belong to the method's module tree (not registered here), so the base model's state is
     unchanged and the method's state holds only its own tensors."""
-
-    wraps_base_linear = True
-
-    def __init__(self, base: nn.Linear, target: str, method: "ProgLoRA") -> None:
-        super().__init__()
-        self.base = base
-        self.target = target
-        object.__setattr__(self, "_method", method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
