@@ -241,8 +241,6 @@ class PipelineRun:
         its own test set, a one-task run per task in ``<run dir>/isolation/<task>/`` (resumable,
         tracked under this run in MLflow). One after another: each sub-run's stages already take
         the resources this run's stages take."""
-        from stages.seeds import seed_config  # the same config rewrite: one value changed, checked again
-
         cfg = self.cfg
         if not schedule_for(self.schedule).is_continual():
             self.log(f"eval.isolation: {cfg.method.name} does not learn task after task; no isolation row")
@@ -250,8 +248,8 @@ class PipelineRun:
         row = []
         for i, task in enumerate(cfg.tasks):
             self.log(f"isolation row {i + 1}/{len(cfg.tasks)}: {task} trained alone from the base")
-            raw = seed_config(cfg, cfg.seed, tracker.uri).to_dict()
-            raw["tasks"], raw["eval"]["isolation"] = [task], False
+            raw = cfg.to_dict()
+            raw["tasks"], raw["eval"]["isolation"], raw["tracking"]["uri"] = [task], False, tracker.uri
             sub = PipelineRun(config_from_dict(raw), self.rundir.root / "isolation" / task,
                               log=lambda line, task=task: self.log(f"  [alone {task}] {line}"),
                               mlflow_parent=parent, verbose=self.verbose)

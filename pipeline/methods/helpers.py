@@ -139,7 +139,6 @@ class WrappedLinear(nn.Module):
     holds the linear as ``base``, its ``target`` name, and the owning method WITHOUT registering
     it (the method's tensors stay in the method's tree; the base model's state is unchanged)."""
 
-
     def __init__(self, base: nn.Linear, target: str, method: nn.Module) -> None:
         super().__init__()
         self.base = base
