@@ -22,7 +22,7 @@ if str(_REPO) not in sys.path:
 
 from pipeline.process_env import setup_process_env  # noqa: E402
 
-SUBCOMMANDS = ("run", "metrics", "score", "check-data", "tune")
+SUBCOMMANDS = ("run", "metrics", "score", "check-data", "tune", "pretrain")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -52,6 +52,14 @@ def build_parser(tune_help: bool = False) -> argparse.ArgumentParser:
     _add_run_args(tune)
     tune.add_argument("--resume", action="store_true", help="resume an interrupted sweep in --output")
     tune.set_defaults(func=cmd_tune)
+    pre = sub.add_parser("pretrain", help="rebuild the shipped base (pipeline/assets/coin-synth-base) by the "
+                                          "project's recipe: CoIN-synth corpus, LLaVA model, guide CLIP, BASE.json")
+    pre.add_argument("--config", help="experiment YAML the recipe is merged over (default: the default config)")
+    pre.add_argument("--recipe", help="recipe YAML (default: pipeline/configs/base_recipe.yaml)")
+    pre.add_argument("--output", help="base folder to write (default: pipeline/assets/coin-synth-base)")
+    pre.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot evaluation recorded in BASE.json")
+    pre.add_argument("overrides", nargs="*", help="dotted overrides on top of the recipe, e.g. model.pretrain.lmm_steps=100")
+    pre.set_defaults(func=cmd_pretrain)
     add_subcommands(sub)
     return parser
 
@@ -117,6 +125,31 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     cfg = load_experiment(args)
     return run_tune(cfg, Path(args.output) if args.output else None, resume=args.resume, dry_run=args.dry_run)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipeline.config import ConfigError, load_config, merge, parse_overrides
+    from pipeline.models.shipped import RECIPE_CONFIG, SHIPPED_BASE, build_shipped_base
+
+    recipe_file = Path(args.recipe) if args.recipe else RECIPE_CONFIG
+    if not recipe_file.exists():
+        raise ConfigError(f"recipe file {recipe_file} does not exist")
+    recipe = yaml.safe_load(recipe_file.read_text()) or {}
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"{recipe_file}: top level must be a mapping")
+    cfg = load_config(args.config, merge(recipe, parse_overrides(list(args.overrides or []))))
+    out = Path(args.output) if args.output else SHIPPED_BASE
+    words = ["pretrain", *(f"--{k} {v}" for k, v in (("config", args.config), ("recipe", args.recipe),
+                                                     ("output", args.output)) if v), *(args.overrides or [])]
+    command = "python pipeline/main.py " + " ".join(words + (["--no-zero-shot"] if args.no_zero_shot else []))
+    meta = build_shipped_base(cfg, out, command=command, zero_shot=not args.no_zero_shot)
+    print(f"base written to {out} ({meta['size_mb']} MB, {meta['wall_s']:.0f} s)")
+    if "zero_shot" in meta:
+        print("zero-shot: " + "  ".join(f"{t} {v:.1f}" for t, v in meta["zero_shot"]["scores"].items())
+              + f"  Last {meta['zero_shot']['last']:.2f}")
+    return 0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

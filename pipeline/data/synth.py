@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 # Bump when the generated content changes, so an old directory is not mistaken for a new one.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4  # 4: locating taught in the corpus (corners), 200 test samples per task by default
 INSTRUCTIONS_DIR = "Instructions_Original"
 IMAGES_DIR = "images"
 PRETRAIN_FILE = "pretrain/train.json"
@@ -62,8 +62,8 @@ class SynthSpec:
 
     seed: int = 0
     image_size: int = 32
-    train_per_task: int = 192
-    test_per_task: int = 48
+    train_per_task: int = 256
+    test_per_task: int = 200
     pretrain_records: int = 1000  # generic records (captions, generic QA)
     pretrain_skill_per_task: int = 400  # skill records per task in SKILL_TASKS
     tasks: tuple = COIN_TASKS

@@ -10,7 +10,10 @@ Two parts, the way LLaVA-1.5 comes to CoIN already able to see and answer:
 
 By default no record contains a CoIN instruction text (``INSTRUCTION_SUFFIXES``), and Grounding's
 box format is never taught: the base model meets CoIN's instructions and boxes first during
-continual tuning. Measured effect (issue 3): a 2-layer 128-wide model cannot learn these skills
+continual tuning. Locating is taught in the corpus's own convention, "(x1, y1) to (x2, y2)" with
+CoIN-synth's normalised two-decimal coordinates (``corners``), for generic objects and for
+Grounding's referring expressions: the base can point at things, and tuning on Grounding has to
+learn CoIN's instruction and its "[x1, y1, x2, y2]" boxes. Measured effect (issue 3): a 2-layer 128-wide model cannot learn these skills
 inside a task's few dozen tuning steps, so without skill records every method stayed near 0; with
 them, tuning has to learn each task's instruction format and answer conventions on top of a base
 that can see. The unseen instructions derail that base: its zero-shot answers are "left"/"right"
@@ -32,7 +35,7 @@ import numpy as np
 
 from . import synth_render as R
 from .synth_render import COLORS, SHAPES, Obj, pick
-from .synth_tasks import LABELS, LETTER, SHORT, TASKS, WORDS, lettered
+from .synth_tasks import LABELS, LETTER, SHORT, TASKS, WORDS, box_string, lettered
 
 COLOR_NAMES = tuple(COLORS)
 EXTRA_WORDS = ("sun", "cat", "dog", "home", "book", "road", "city", "art", "news", "map")
@@ -113,6 +116,7 @@ def _questions(rng: np.random.Generator, objs: list[Obj], word: str | None, size
                           o.color))
             cands.append((pick(rng, (f"Where is the {o.shape}?", f"On which side is the {o.shape}?",
                                      f"Tell me where the {o.color} {o.shape} is.")), _side(o, size)))
+            cands.append((pick(rng, LOCATE_QUESTIONS).format(thing=f"the {o.shape}"), corners(o.box, size)))
         if colors.count(o.color) == 1:
             cands.append((pick(rng, (f"Name the shape that is {o.color}.", f"Which kind of shape is {o.color}?",
                                      f"Tell me the shape of the {o.color} thing.")), o.shape))
@@ -157,8 +161,19 @@ def _choice(rng: np.random.Generator, objs: list[Obj]) -> tuple[str, str]:
     return f"{text}\n{LETTER}", letter
 
 
-# Tasks whose skill is pre-trained (Grounding's boxes are left for continual tuning to learn).
-SKILL_TASKS = ("ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "VQAv2", "OCRVQA")
+def corners(box: tuple[int, int, int, int], size: int) -> str:
+    """The corpus's locating answer: "(x1, y1) to (x2, y2)", the numbers of CoIN-synth's
+    normalised box (``box_string``) in another convention than Grounding's "[x1, y1, x2, y2]"."""
+    x1, y1, x2, y2 = box_string(box, size).strip("[]").split(", ")
+    return f"({x1}, {y1}) to ({x2}, {y2})"
+
+
+LOCATE_QUESTIONS = ("Where exactly is {thing}? Give its corners.", "Give the corners of {thing}.",
+                    "Point out {thing} with its two corners.", "Which corners frame {thing}?")
+
+# Tasks whose skill is pre-trained. Grounding's is taught in the corpus's own locating convention
+# (``corners``); its CoIN instruction and "[x1, y1, x2, y2]" boxes are left for continual tuning.
+SKILL_TASKS = ("ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCRVQA")
 # Reply hints of the pre-training dialect; none is (part of) a CoIN instruction.
 REPLY_HINTS = ("Reply briefly.", "Give a short answer.", "One word, please.", "Keep it short.",
                "Answer in a few words.", "Be concise.", "Tell me quickly.")
@@ -173,6 +188,10 @@ def skill_sample(rng: np.random.Generator, task: str, size: int) -> tuple[np.nda
     if task not in SKILL_TASKS:
         raise ValueError(f"no pre-training skill records for {task!r}; skill tasks: {SKILL_TASKS}")
     sample = TASKS[task].generate(rng, size, True)
+    if task == "Grounding":  # the referring expression, asked generically, answered in corners
+        (expr, box), = sample.turns
+        x1, y1, x2, y2 = box.strip("[]").split(", ")
+        return sample.image, [(pick(rng, LOCATE_QUESTIONS).format(thing=expr), f"({x1}, {y1}) to ({x2}, {y2})")]
     if task == "ImageNet":  # ImageNet's question is part of its CoIN instruction: ask it another way
         sample.turns = [(pick(rng, OBJECT_QUESTIONS), a) for _, a in sample.turns]
     hints = LETTER_HINTS if task == "ScienceQA" else REPLY_HINTS

@@ -9,8 +9,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from pipeline.models.config import ModelConfig
-from pipeline.models.guide import CLIP_MEAN, CLIP_STD, Guide, GuideInputs, build_clip, load_clip_weights
+from pipeline.models.config import ModelConfig, repo_path
+from pipeline.models.guide import (CLIP_MEAN, CLIP_STD, OPEN_CLIP_WEIGHTS, Guide, GuideInputs, build_clip,
+                                   load_clip_weights)
 from pipeline.models.lmm import LMM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -115,12 +116,22 @@ def build_guide(cfg: ModelConfig, *, device: str | torch.device = "cpu", meta: b
     inputs = GuideInputs.from_config(cfg)
     if meta:
         return Guide(model, inputs, cfg.guide_text_feature)
-    source = weights or cfg.guide_path
+    source = guide_weights(cfg, weights)
     if source is not None:
         load_clip_weights(model, str(_local(source)))
     elif cfg.guide_arch != "tiny":
         raise ValueError(f"guide_path: guide_arch {cfg.guide_arch!r} needs a checkpoint file (no downloads)")
     return Guide(model.to(device=device, dtype=DTYPES[cfg.dtype]), inputs, cfg.guide_text_feature)
+
+
+def guide_weights(cfg: ModelConfig, weights: str | None = None) -> str | None:
+    """The guide's weights file: ``weights``, else ``guide_path``, else a ``local-dir:`` folder's own
+    open_clip_model.safetensors; None for a tiny guide without a file."""
+    if weights or cfg.guide_path:
+        return weights or cfg.guide_path
+    if cfg.guide_dir is not None:
+        return str(Path(cfg.guide_dir) / OPEN_CLIP_WEIGHTS)
+    return None
 
 
 @dataclass
@@ -170,7 +181,7 @@ def _module(obj: Any) -> nn.Module:
 def _local(source: str) -> Path:
     from pipeline.models.fetch import fetch
 
-    return fetch(source)
+    return fetch(repo_path(source))
 
 
 def _default_tokenizer(cfg: ModelConfig) -> Any:
@@ -205,7 +216,7 @@ def _image_stats(folder: str | Path) -> tuple[tuple[float, ...], tuple[float, ..
     only that file is read), CLIP's where there is none."""
     from pipeline.data import storage
 
-    fs, root = storage.resolve(str(folder))
+    fs, root = storage.resolve(repo_path(str(folder)))
     file = storage.join(root, "preprocessor_config.json")
     if not storage.exists(fs, file):
         return CLIP_MEAN, CLIP_STD

@@ -29,6 +29,16 @@ OVERFLOW = ("raise", "count")
 GUIDE_TEXT_FEATURES = ("pooled", "projected")
 IMAGE_ASPECTS = ("auto", "pad", "stretch")
 GUIDE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+LOCAL_DIR = "local-dir:"  # open_clip's schema for a folder with open_clip_config.json + weights
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def repo_path(path: str) -> str:
+    """A model path from a config: relative paths are relative to the repository root (as every
+    path in a config is), absolute paths, URLs and unexpanded ``${VAR}`` pass through."""
+    if "://" in path or "${" in path or Path(path).expanduser().is_absolute():
+        return path
+    return str(REPO_ROOT / path)
 
 
 @dataclass
@@ -125,8 +135,11 @@ class ModelConfig:
     kind: str = "tiny"
     arch: str | None = None  # llava_hf preset for meta builds, e.g. "llava-1.5-7b"
     path: str | None = None  # llava-hf folder (local or s3://)
-    guide_arch: str = "tiny"  # "tiny" or an open_clip model name, e.g. "ViT-L-14-336"
-    guide_path: str | None = None  # open_clip checkpoint file (local or s3://)
+    # "tiny", an open_clip model name (e.g. "ViT-L-14-336") or "local-dir:FOLDER", an open_clip
+    # folder (open_clip_config.json + open_clip_model.safetensors, as on the Hugging Face hub;
+    # relative to the repository root unless absolute): the shipped guide is one.
+    guide_arch: str = "tiny"
+    guide_path: str | None = None  # open_clip checkpoint file (local or s3://); local-dir: its own file
     # The guide's text feature: "pooled" = the text tower's end-of-text state after its final layer
     # norm, without the text projection (what ModalPrompt's reference code takes: CLIPTextModel's
     # pooler_output); "projected" = open_clip's encode_text, projected into the image-text space.
@@ -160,6 +173,13 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def guide_dir(self) -> str | None:
+        """The folder of a ``local-dir:`` guide (resolved against the repository root), else None."""
+        if not self.guide_arch.startswith(LOCAL_DIR):
+            return None
+        return repo_path(self.guide_arch[len(LOCAL_DIR):])
 
     @property
     def pads_images(self) -> bool:
@@ -210,8 +230,12 @@ class ModelConfig:
                 raise bad("path", "kind 'llava_hf' needs a checkpoint folder (path) or a preset (arch)")
             if self.arch is not None and self.arch not in LLAVA_PRESETS:
                 raise bad("arch", f"unknown preset {self.arch!r}; known: {sorted(LLAVA_PRESETS)}")
-        if self.guide_arch != "tiny" and self.guide_arch not in open_clip_model_names():
-            raise bad("guide_arch", f"{self.guide_arch!r} is neither 'tiny' nor an open_clip model name")
+        if self.guide_dir is not None:
+            if not self.guide_dir.strip():
+                raise bad("guide_arch", f"{self.guide_arch!r} names no folder")
+        elif self.guide_arch != "tiny" and self.guide_arch not in open_clip_model_names():
+            raise bad("guide_arch", f"{self.guide_arch!r} is neither 'tiny', an open_clip model name nor "
+                                    f"'{LOCAL_DIR}FOLDER'")
         if self.guide_path is not None and not self.guide_path.endswith(GUIDE_SUFFIXES):
             raise bad("guide_path", f"{self.guide_path!r} must end with one of {GUIDE_SUFFIXES}")
         self.tiny.validate("tiny")

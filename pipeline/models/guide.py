@@ -43,16 +43,41 @@ def tiny_clip_config(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's folder layout (Hugging Face hub, local-dir:)
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
 def clip_model_config(cfg: ModelConfig) -> dict[str, Any]:
-    """The open_clip architecture dict for ``cfg.guide_arch`` ("tiny" or a built-in name)."""
+    """The open_clip architecture dict for ``cfg.guide_arch`` ("tiny", a built-in name or a
+    ``local-dir:`` folder, whose ``preprocess_cfg`` comes along)."""
     if cfg.guide_arch == "tiny":
         return tiny_clip_config(cfg)
+    if cfg.guide_dir is not None:
+        return folder_clip_config(cfg.guide_dir)
     import open_clip
 
     model_cfg = open_clip.get_model_config(cfg.guide_arch)
     if model_cfg is None:
         raise ValueError(f"guide_arch: {cfg.guide_arch!r} is not a built-in open_clip model")
     return model_cfg
+
+
+def folder_clip_config(folder: str) -> dict[str, Any]:
+    """``model_cfg`` (with ``preprocess_cfg``) of an open_clip folder's open_clip_config.json."""
+    import json
+    from pathlib import Path
+
+    file = Path(folder) / OPEN_CLIP_CONFIG
+    try:
+        doc = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"guide_arch: {file} does not exist (an open_clip folder holds "
+                                f"{OPEN_CLIP_CONFIG} and {OPEN_CLIP_WEIGHTS})") from None
+    except ValueError as e:
+        raise ValueError(f"guide_arch: {file} is not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("model_cfg"), dict):
+        raise ValueError(f"guide_arch: {file} has no 'model_cfg' mapping")
+    return {**doc["model_cfg"], "preprocess_cfg": dict(doc.get("preprocess_cfg") or {})}
 
 
 @dataclass
@@ -73,7 +98,7 @@ class GuideInputs:
         size = vision["image_size"]
         size = size if isinstance(size, int) else int(size[0])
         ctx = int(text.get("context_length", 77))
-        if cfg.guide_arch == "tiny":
+        if cfg.guide_arch == "tiny" or (cfg.guide_dir is not None and "hf_tokenizer_name" not in text):
             from open_clip.tokenizer import SimpleTokenizer
 
             tokenizer = SimpleTokenizer(context_length=ctx)  # BPE vocab ships inside open_clip

@@ -39,6 +39,8 @@ INFO = "info.json"
 LMM_DIR = "lmm"
 GUIDE_FILE = "guide.safetensors"
 
+FIRST_LOSSES = 5
+
 LogFn = Callable[[dict[str, Any]], None]
 
 
@@ -100,7 +102,7 @@ def ensure_base(cfg: ModelConfig, *, corpus_rows: Callable[[], Iterable[dict]], 
     tmp = cache_dir / f".tmp-tiny-base-{key}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        _pretrain(cfg, corpus_rows, texts, tmp, key, data_seed, emit)
+        pretrain_into(cfg, corpus_rows, texts, tmp, key=key, data_seed=data_seed, log=emit)
         _write_manifest(tmp)
         try:
             os.rename(tmp, final)
@@ -145,9 +147,14 @@ def verify_base(folder: str | Path) -> str | None:
 # ---- training --------------------------------------------------------------------------------
 
 
-def _pretrain(cfg: ModelConfig, corpus_rows: Callable[[], Iterable[dict]], texts: Callable[[], Iterable[str]],
-              out: Path, key: str, data_seed: int | str, emit: LogFn) -> None:
+def pretrain_into(cfg: ModelConfig, corpus_rows: Callable[[], Iterable[dict]], texts: Callable[[], Iterable[str]],
+                  out: Path, *, key: str, data_seed: int | str, log: LogFn) -> dict[str, Any]:
+    """The recipe: tokenizer from ``texts``, the LLaVA model (``out/lmm``, model + tokenizer) and
+    the guide (``out/guide.safetensors``) pre-trained on ``corpus_rows``; ``out/info.json`` and
+    the returned dict record the losses and times."""
     from safetensors.torch import save_file
+
+    emit = log
 
     from pipeline.models.build import build_lmm
     from pipeline.models.guide import build_clip
@@ -184,6 +191,7 @@ def _pretrain(cfg: ModelConfig, corpus_rows: Callable[[], Iterable[dict]], texts
             "cpu_s": round(time.process_time() - cpu, 2),
         }
         (out / INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+        return info
     finally:
         torch.set_num_threads(threads)
 
@@ -276,6 +284,7 @@ def _loop(phase: str, steps: int, spec: PretrainSpec, params: list, lr: float, e
     tail = losses[-20:]
     return {
         "first_loss": round(losses[0], 4) if losses else None,
+        "first_losses": [round(x, 6) for x in losses[:FIRST_LOSSES]],  # replayed by the staleness check
         "final_loss": round(sum(tail) / len(tail), 4) if tail else None,  # mean of the last 20 steps
         "train_s": round(time.perf_counter() - start, 2),
         "cpu_s": round(time.process_time() - cpu, 2),  # process CPU time (all threads)

@@ -1,0 +1,234 @@
+"""The base the project ships: a llava-hf folder and an open_clip folder, made by ``pretrain``.
+
+Layout of ``pipeline/assets/coin-synth-base/`` (``SHIPPED_BASE``)::
+
+    llava/   config.json, model.safetensors, tokenizer files, preprocessor_config.json
+             (transformers' ``LlavaForConditionalGeneration`` / ``AutoTokenizer`` /
+             ``AutoImageProcessor`` load it, as they load llava-hf/llava-1.5-7b-hf)
+    guide/   open_clip_config.json, open_clip_model.safetensors
+             (``open_clip.create_model("local-dir:...")`` loads it)
+    BASE.json  how they were made: command, recipe version, model and recipe spec, corpus spec and
+             its sha256, the corpus probe, seed, losses, wall time, zero-shot scores, and the
+             sha256 of every file above
+
+The default config loads them through ``model.kind: llava_hf`` (``model.path``, ``model.guide_arch:
+local-dir:...``), the code path that loads LLaVA-1.5-7B. ``python pipeline/main.py pretrain``
+rebuilds them (``build_shipped_base``): the recipe is ``pipeline/configs/base_recipe.yaml``
+merged over the default config.
+
+Staleness: ``BASE.json`` records the recipe version and the generator version, the corpus's sha256
+(over its record file and images) and a *probe*, the sha256 of the first ``PROBE_RECORDS`` records
+of every corpus stream, which a test regenerates in a second (``probe_digest``); it also records
+the first language-model losses, which the slow test replays with a shortened recipe. A change of
+the generator or the recipe makes them disagree, so no one tests against a stale base unknowingly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.models.config import REPO_ROOT
+
+SHIPPED_BASE = REPO_ROOT / "pipeline" / "assets" / "coin-synth-base"
+RECIPE_CONFIG = REPO_ROOT / "pipeline" / "configs" / "base_recipe.yaml"
+LLAVA_DIR, GUIDE_DIR, METADATA = "llava", "guide", "BASE.json"
+PROBE_RECORDS = 8
+SIZE_LIMIT_MB = 40.0
+
+LogFn = Callable[[str], None]
+
+
+def corpus_spec(cfg: Any) -> Any:
+    """The ``SynthSpec`` of the recipe's benchmark and corpus (``data.synth`` at the model's size)."""
+    from pipeline.data.synth import SynthSpec
+
+    return SynthSpec(image_size=cfg.model.image_size, **dataclasses.asdict(cfg.data.synth))
+
+
+def corpus_digest(root: str | Path) -> str:
+    """sha256 over the corpus files of a generated CoIN-synth folder (its record file and images),
+    from the per-file digests its SPEC.json records."""
+    files = json.loads((Path(root) / "SPEC.json").read_text())["files"]
+    part = sorted((k, v) for k, v in files.items() if k == "pretrain/train.json" or k.startswith("images/pretrain/"))
+    return hashlib.sha256(json.dumps(part).encode()).hexdigest()
+
+
+def probe_digest(spec: Any, workdir: str | Path) -> str:
+    """sha256 of the first ``PROBE_RECORDS`` records of every corpus stream (generic, and each
+    skill task's), generated afresh under ``workdir``: each stream has its own random generator,
+    so these records are the first ones of the full corpus, and a change of the generator changes
+    them."""
+    from pipeline.data.synth import generate_benchmark
+
+    small = dataclasses.replace(spec, train_per_task=0, test_per_task=0, pretrain_records=PROBE_RECORDS,
+                                pretrain_skill_per_task=PROBE_RECORDS)
+    root = Path(workdir) / f"probe-{uuid.uuid4().hex[:8]}"
+    try:
+        generate_benchmark(root, small)
+        return corpus_digest(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def read_metadata(folder: str | Path = SHIPPED_BASE) -> dict[str, Any]:
+    file = Path(folder) / METADATA
+    if not file.exists():
+        raise FileNotFoundError(f"{file} does not exist: build the base with `python pipeline/main.py pretrain`")
+    return json.loads(file.read_text())
+
+
+def verify_files(folder: str | Path = SHIPPED_BASE) -> list[str]:
+    """Problems with the shipped files against ``BASE.json``'s sha256 list (empty: all good)."""
+    folder = Path(folder)
+    listed = read_metadata(folder)["files"]
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {METADATA}
+    problems = [f"missing: {f}" for f in sorted(set(listed) - present)]
+    problems += [f"not in {METADATA}: {f}" for f in sorted(present - set(listed))]
+    problems += [f"sha256 differs: {f}" for f in sorted(set(listed) & present) if _sha256(folder / f) != listed[f]]
+    return problems
+
+
+def build_shipped_base(cfg: Any, out: str | Path, *, command: str, log: LogFn = print,
+                       zero_shot: bool = True) -> dict[str, Any]:
+    """Pre-train the base of ``cfg`` (a ``kind: tiny`` config: the recipe) into ``out``.
+
+    Generates the recipe's CoIN-synth benchmark and corpus (under ``cfg.cache_dir``), pre-trains
+    the LLaVA model and the guide (``pretrain.pretrain_into``), writes them as a llava-hf folder and an
+    open_clip folder, then (``zero_shot``) runs the pipeline's zero-shot evaluation on the shipped
+    files, through the ``llava_hf`` loader, and writes ``BASE.json``. Everything goes to a
+    temporary folder beside ``out`` that replaces ``out`` only when complete.
+    """
+    from pipeline.data.synth import GENERATOR_VERSION, generate_benchmark
+    from pipeline.models.pretrain import PRETRAIN_VERSION, base_key, pretrain_into
+    from stages.base import pretrain_line, pretrain_rows
+    from pipeline.data.synth import benchmark_texts
+    from stages.common import synth_root
+
+    if cfg.model.kind != "tiny":
+        raise ValueError("pretrain: the recipe must be a model.kind 'tiny' config (it builds the model from "
+                         f"model.tiny), not {cfg.model.kind!r}")
+    out = Path(out)
+    spec = corpus_spec(cfg)
+    root = Path(synth_root(cfg))
+    start = time.perf_counter()
+    gen = generate_benchmark(root, spec)
+    how = "reused" if gen["reused"] else f"generated in {gen['seconds']}s"
+    log(f"CoIN-synth benchmark and corpus at {root} ({how}; {gen['pretrain']['records']} corpus records)")
+    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    work = tmp / "work"
+    work.mkdir(parents=True)
+    try:
+        info = pretrain_into(cfg.model, lambda: pretrain_rows(str(root), cfg.model.image_size),
+                             lambda: benchmark_texts(root), work, key=base_key(cfg.model, root.name),
+                             data_seed=root.name, log=lambda row: log("  " + pretrain_line(row)))
+        export(cfg, work, tmp)
+        shutil.rmtree(work)
+        meta: dict[str, Any] = {
+            "command": command,
+            "recipe_version": PRETRAIN_VERSION,
+            "generator_version": GENERATOR_VERSION,
+            "model": {"image_size": cfg.model.image_size, "template": cfg.model.template,
+                      "max_length": cfg.model.max_length, "tiny": dataclasses.asdict(cfg.model.tiny)},
+            "recipe": dataclasses.asdict(cfg.model.pretrain),
+            "corpus": {"spec": json.loads(json.dumps(dataclasses.asdict(spec))), "records": gen["pretrain"]["records"],
+                       "sha256": corpus_digest(root), "probe_records": PROBE_RECORDS, "chance": gen["chance"],
+                       "probe_sha256": probe_digest(spec, tmp)},
+            "seed": cfg.model.pretrain.seed,
+            "vocab_size": info["vocab_size"],
+            "lmm": info["lmm"],
+            "guide": info["guide"],
+            "torch_threads": info["torch_threads"],
+            "pretrain_wall_s": info["wall_s"],
+            "versions": _versions(),
+        }
+        if zero_shot:
+            meta["zero_shot"] = _zero_shot(cfg, tmp, log)
+        meta["wall_s"] = round(time.perf_counter() - start, 1)
+        meta["files"] = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        meta["size_mb"] = round(sum((tmp / f).stat().st_size for f in meta["files"]) / 2**20, 2)
+        (tmp / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if meta["size_mb"] > SIZE_LIMIT_MB:
+            log(f"warning: the base is {meta['size_mb']} MB, over the {SIZE_LIMIT_MB} MB the repository ships")
+        old = out.parent / f".old-{out.name}-{uuid.uuid4().hex[:8]}"
+        if out.exists():
+            os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def export(cfg: Any, work: Path, out: Path) -> None:
+    """``pretrain_into``'s output (``work``: lmm/ with model + tokenizer, guide.safetensors) ->
+    ``out/llava`` (+ preprocessor_config.json) and ``out/guide`` (open_clip folder)."""
+    from transformers import CLIPImageProcessor
+
+    from pipeline.models.guide import CLIP_MEAN, CLIP_STD, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, tiny_clip_config
+    from pipeline.models.pretrain import GUIDE_FILE, LMM_DIR
+
+    size = cfg.model.image_size
+    os.rename(work / LMM_DIR, out / LLAVA_DIR)
+    # the llava-hf image processor: CLIP normalisation, images already square at the model's size
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(str(out / LLAVA_DIR))
+    guide = out / GUIDE_DIR
+    guide.mkdir()
+    model_cfg = tiny_clip_config(cfg.model)
+    model_cfg["quick_gelu"] = bool(cfg.model.quick_gelu)
+    doc = {"model_cfg": model_cfg,
+           "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD), "interpolation": "bicubic",
+                              "resize_mode": "shortest"}}
+    (guide / OPEN_CLIP_CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    os.rename(work / GUIDE_FILE, guide / OPEN_CLIP_WEIGHTS)
+
+
+def shipped_model_overrides(folder: str | Path) -> dict[str, Any]:
+    """``model:`` settings that load a base folder written by ``build_shipped_base``."""
+    meta = read_metadata(folder)
+    m = meta["model"]
+    return {"kind": "llava_hf", "path": str(Path(folder) / LLAVA_DIR), "guide_arch": f"local-dir:{Path(folder) / GUIDE_DIR}",
+            "guide_path": None, "image_size": m["image_size"], "template": m["template"], "max_length": m["max_length"]}
+
+
+def _zero_shot(cfg: Any, folder: Path, log: LogFn) -> dict[str, Any]:
+    """The pipeline's zero-shot run (``--method zeroshot``) of the recipe's benchmark on the files
+    in ``folder``, loaded as the default loads the shipped base."""
+    from pipeline.config import config_from_dict, merge
+    from stages.runner import PipelineRun
+
+    # the recipe's metadata is written after this: read the model settings from cfg
+    model = {"kind": "llava_hf", "path": str(folder / LLAVA_DIR), "guide_arch": f"local-dir:{folder / GUIDE_DIR}",
+             "guide_path": None}
+    raw = merge(cfg.to_dict(), {"model": model, "name": "coin-synth-base-zeroshot"})
+    raw["method"] = {"name": "zeroshot"}
+    run_cfg = config_from_dict(raw)
+    log("zero-shot evaluation of the new base (the pipeline's zeroshot method)")
+    results = PipelineRun(run_cfg, folder.parent / f".zeroshot-{folder.name}").run()
+    shutil.rmtree(folder.parent / f".zeroshot-{folder.name}", ignore_errors=True)
+    return {"scores": {t: round(float(v), 2) for t, v in zip(results["tasks"], results["matrix"][-1])},
+            "last": round(float(results["metrics"]["last"]), 2)}
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
