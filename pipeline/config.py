@@ -41,8 +41,8 @@ class SynthConfig:
     """Size of the generated CoIN-synth benchmark (used when data.source == "synth")."""
 
     seed: int = 0
-    train_per_task: int = 192
-    test_per_task: int = 48
+    train_per_task: int = 256
+    test_per_task: int = 200
     pretrain_records: int = 1000  # generic pre-training records (captions, generic QA)
     pretrain_skill_per_task: int = 400  # pre-training skill records per task (see pipeline/data/synth_pretrain.py)
     # Generic pre-training records also use LLaVA-1.5's two generic instructions ("Answer the
