@@ -141,6 +141,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         raise ConfigError(f"{recipe_file}: top level must be a mapping")
     cfg = load_config(args.config, merge(recipe, parse_overrides(list(args.overrides or []))))
     out = Path(args.output) if args.output else SHIPPED_BASE
+    # the terminal shows the recipe's own progress: no save progress bars, no accelerator notice
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    if not _has_cuda():  # instead of DeepSpeed's "Setting accelerator to CPU" warning
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     words = ["pretrain", *(f"--{k} {v}" for k, v in (("config", args.config), ("recipe", args.recipe),
                                                      ("output", args.output)) if v), *(args.overrides or [])]
     command = "python pipeline/main.py " + " ".join(words + (["--no-zero-shot"] if args.no_zero_shot else []))
@@ -150,6 +159,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         print("zero-shot: " + "  ".join(f"{t} {v:.1f}" for t, v in meta["zero_shot"]["scores"].items())
               + f"  Last {meta['zero_shot']['last']:.2f}")
     return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -259,15 +259,18 @@ MODALPROMPT_T10 = {
 ROOT = Path(__file__).resolve().parents[1]
 
 # A reduced embedded default: small CoIN-synth, a briefly pre-trained base, one epoch.
-SMALL = [
+SMALL = [  # the embedded default (the shipped base), on a small benchmark
     "data.synth.train_per_task=32",
     "data.synth.test_per_task=16",
-    "data.synth.pretrain_records=200",
-    "data.synth.pretrain_skill_per_task=20",
-    "model.pretrain.lmm_steps=20",
-    "model.pretrain.guide_steps=10",
     "train.epochs=1",
     "resources.num_cpus=2",
+]
+# A tiny base pre-trained inside the run (model.kind tiny, the base stage's pre-training path)
+# instead of the shipped one; add to SMALL.
+TINY_BASE = [
+    "model.kind=tiny", "model.path=null", "model.guide_arch=tiny", "model.image_size=32", "model.max_length=128",
+    "data.synth.pretrain_records=200", "data.synth.pretrain_skill_per_task=20",
+    "model.pretrain.lmm_steps=20", "model.pretrain.guide_steps=10",
 ]
 
 

@@ -255,6 +255,19 @@ def test_dry_run_of_the_real_7b_config_counts_parameters():
             "(QuickGELU on), text feature pooled") in proc.stdout
 
 
+def test_a_tiny_base_can_still_be_pretrained_inside_the_run(tmp_path):
+    """model.kind tiny: the base stage pre-trains the base in a Ray task (cached) instead of
+    loading the shipped one; its progress reaches the run's stage files."""
+    out = tmp_path / "run"
+    proc = helpers.run_pipeline(out, tmp_path / "cache", "tasks=[ScienceQA]", "--method", "zeroshot",
+                                *helpers.TINY_BASE)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    base = json.loads((out / "stages" / "01-base" / "base.json").read_text())
+    assert Path(base["lmm_dir"]).parent.name.startswith("tiny-base-") and base["info"]["lmm"]["steps"] == 20
+    assert (out / "stages" / "01-base" / "pretrain_progress.jsonl").read_text().strip()
+    assert len(_results(out)["matrix"][-1]) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # slow tier
 # ---------------------------------------------------------------------------------------------

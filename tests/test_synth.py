@@ -27,7 +27,7 @@ from pipeline.data.synth import (
     generate_benchmark,
     pretrain_records,
 )
-from pipeline.data.synth_pretrain import GENERIC_INSTRUCTIONS, SKILL_TASKS
+from pipeline.data.synth_pretrain import GENERIC_INSTRUCTIONS, LOCATE_QUESTIONS, SKILL_TASKS
 from pipeline.data.synth_render import COLORS
 from pipeline.data.synth_tasks import (
     GROUNDING_PREFIX,
@@ -220,8 +220,10 @@ def check_box(image: np.ndarray, box: str, description: str) -> None:
     x1, y1, x2, y2 = (float(v) for v in BOX.match(box).groups())
     assert 0.0 <= x1 < x2 <= 1.0 and 0.0 <= y1 < y2 <= 1.0, box
     size = image.shape[0]
-    # background = most common colour (flat backdrop + tiny noise); objects are saturated
-    quant = (image // 16).reshape(-1, 3)
+    # background = most common unsaturated colour (flat light backdrop + tiny noise); objects are
+    # saturated, and large ones can cover more of the image than the backdrop
+    flat = image.reshape(-1, 3).astype(int)
+    quant = (flat[flat.max(1) - flat.min(1) < 40] // 16)
     values, counts = np.unique(quant, axis=0, return_counts=True)
     bg = values[counts.argmax()].astype(int) * 16 + 8
     objects = np.abs(image.astype(int) - bg).max(axis=2) > 48
@@ -280,15 +282,33 @@ def _is_generic(rec: dict) -> bool:
 
 
 def _assert_skills_taught_and_no_boxes(pre: list[dict], answers: Counter) -> None:
-    # Grounding's box format is never taught
+    # Grounding's box format is never taught; locating is, in the corpus's corner convention
     assert not any(a.startswith("[") for a in answers)
-    assert not any(r["id"].startswith("pretrain_grounding") for r in pre)
+    assert any(CORNERS.fullmatch(a) for a in answers)
     # the skill records carry the tasks' answer conventions (letters, class names, "unanswerable")
     assert {"A", "B", "C"} <= set(answers) and set(IMAGENET_CLASSES) & set(answers) and UNANSWERABLE in answers
     assert set(COLORS) & set(answers) and {"yes", "no"} <= set(answers)
     per_task = Counter(r["id"].rsplit("_", 1)[0] for r in pre)
     for task in SKILL_TASKS:
         assert per_task[f"pretrain_{task.lower()}"] == SPEC.pretrain_skill_per_task
+
+
+CORNERS = re.compile(r"\((\d\.\d\d), (\d\.\d\d)\) to \((\d\.\d\d), (\d\.\d\d)\)")
+
+
+def test_the_corpus_locates_grounding_expressions_with_corners_that_enclose_the_object(bench):
+    pre = [r for r in json.loads((bench / "pretrain" / "train.json").read_text())
+           if r["id"].startswith("pretrain_grounding")]
+    assert len(pre) == SPEC.pretrain_skill_per_task
+    for rec in pre:
+        question, answer = (t["value"] for t in rec["conversations"])
+        assert not question.startswith(IMAGE_TOKEN + "\n" + INSTRUCTION_SUFFIXES["Grounding"])
+        text = question.removeprefix(IMAGE_TOKEN + "\n")
+        description = next(m["thing"] for q in LOCATE_QUESTIONS
+                           if (m := re.fullmatch(re.escape(q).replace(re.escape("{thing}"), "(?P<thing>.+)"), text)))
+        image = np.asarray(Image.open(bench / "images" / rec["image"]).convert("RGB"))
+        x1, y1, x2, y2 = CORNERS.fullmatch(answer).groups()
+        check_box(image, f"[{x1}, {y1}, {x2}, {y2}]", description)
 
 
 def test_pretrain_teaches_skills_but_never_coin_instructions_or_boxes(bench):

@@ -113,12 +113,15 @@ class PretrainSpec:
     # Text paired with each image for the contrastive loss: "conversation" (all turns joined: content
     # words plus instruction style) or "instruction" (first human turn only, what the guide sees later).
     guide_text: str = "conversation"
+    # Stop each phase after this many steps (0: run them all) without changing the learning-rate
+    # schedule, so the first steps of a shortened run are the full recipe's (the staleness check).
+    stop_after: int = 0
 
     def validate(self, where: str = "pretrain") -> None:
         for name in ("batch_size", "log_every", "num_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{where}.{name}: must be >= 1")
-        for name in ("lmm_steps", "guide_steps", "warmup_steps"):
+        for name in ("lmm_steps", "guide_steps", "warmup_steps", "stop_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{where}.{name}: must be >= 0")
         for name in ("lr", "guide_lr"):

@@ -60,6 +60,8 @@ def base_key(cfg: ModelConfig, data_seed: int | str) -> str:
     threads gave visibly different continual results (README, "Known limitations")."""
     spec = dataclasses.asdict(cfg.pretrain)
     spec.pop("log_every")
+    if not spec["stop_after"]:  # only when set: the keys of existing bases stay as they were
+        spec.pop("stop_after")
     doc = {
         "version": PRETRAIN_VERSION,
         "image_size": cfg.image_size,
@@ -266,6 +268,8 @@ def _loop(phase: str, steps: int, spec: PretrainSpec, params: list, lr: float, e
     start = last = time.perf_counter()
     cpu = time.process_time()
     for step, idx in enumerate(batches, 1):
+        if spec.stop_after and step > spec.stop_after:
+            break
         loss = loss_of(idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -275,7 +279,7 @@ def _loop(phase: str, steps: int, spec: PretrainSpec, params: list, lr: float, e
         if after_step is not None:
             after_step()
         losses.append(float(loss.detach()))
-        if step % spec.log_every == 0 or step == steps:
+        if step % spec.log_every == 0 or step == steps or step == spec.stop_after:
             now = time.perf_counter()
             done = spec.log_every if step % spec.log_every == 0 else step % spec.log_every
             emit({"phase": phase, "step": step, "steps": steps, "loss": round(losses[-1], 4),
@@ -285,6 +289,7 @@ def _loop(phase: str, steps: int, spec: PretrainSpec, params: list, lr: float, e
     return {
         "first_loss": round(losses[0], 4) if losses else None,
         "first_losses": [round(x, 6) for x in losses[:FIRST_LOSSES]],  # replayed by the staleness check
+        "steps_run": len(losses),
         "final_loss": round(sum(tail) / len(tail), 4) if tail else None,  # mean of the last 20 steps
         "train_s": round(time.perf_counter() - start, 2),
         "cpu_s": round(time.process_time() - cpu, 2),  # process CPU time (all threads)
