@@ -131,7 +131,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     import yaml
 
     from pipeline.config import ConfigError, load_config, merge, parse_overrides
-    from pipeline.models.shipped import RECIPE_CONFIG, SHIPPED_BASE, build_shipped_base
+    from pipeline.models.shipped import RECIPE_CONFIG, SHIPPED_BASE
+    from stages.pretrain import build_shipped_base
 
     recipe_file = Path(args.recipe) if args.recipe else RECIPE_CONFIG
     if not recipe_file.exists():
