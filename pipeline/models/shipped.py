@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.models.config import REPO_ROOT
+from pipeline.models.pretrain import _sha256 as sha256_file  # noqa: F401 (also used by stages.pretrain)
 
 SHIPPED_BASE = REPO_ROOT / "pipeline" / "assets" / "coin-synth-base"
 RECIPE_CONFIG = REPO_ROOT / "pipeline" / "configs" / "base_recipe.yaml"
@@ -125,11 +126,3 @@ def shipped_model_overrides(folder: str | Path) -> dict[str, Any]:
     m = meta["model"]
     return {"kind": "llava_hf", "path": str(Path(folder) / LLAVA_DIR), "guide_arch": f"local-dir:{Path(folder) / GUIDE_DIR}",
             "guide_path": None, "image_size": m["image_size"], "template": m["template"], "max_length": m["max_length"]}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
