@@ -2,6 +2,7 @@
 registered with ``@register``; the lines below import the built-in ones, one line per method."""
 
 from pipeline.methods import coda_prompt  # noqa: F401
+from pipeline.methods import drape  # noqa: F401
 from pipeline.methods import dualprompt  # noqa: F401
 from pipeline.methods import ewc  # noqa: F401
 from pipeline.methods import l2p  # noqa: F401

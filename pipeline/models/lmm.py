@@ -232,10 +232,32 @@ class LMM:
         """(B, L) ids + (B, 3, S, S) pixels -> (B, L, d_llm) input embeddings, image features
         scattered into the placeholder positions exactly as ``LlavaModel.forward`` does."""
         input_ids = input_ids.to(self.device)
-        embeds = self.model.get_input_embeddings()(input_ids)
         vision_dtype = next(self.model.model.vision_tower.parameters()).dtype
         out = self.model.get_image_features(pixel_values=pixel_values.to(self.device, vision_dtype))
-        features = torch.cat(list(out.pooler_output), dim=0).to(embeds.dtype)  # (B*N, d_llm)
+        return self.embed_image_features(input_ids, torch.stack(list(out.pooler_output)))
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) pixels -> (B, N, d_vision): the frozen vision tower's features that the
+        multimodal projector takes (the configured ``vision_feature_layer``, CLS dropped under the
+        "default" strategy), as ``LlavaModel.get_image_features`` selects them before projecting.
+        ``embed_image_features(ids, projector(vision_features(px)))`` equals ``embed(ids, px)``."""
+        config = self.model.config
+        tower = self.model.model.vision_tower
+        vision_dtype = next(tower.parameters()).dtype
+        out = tower(pixel_values.to(self.device, vision_dtype), output_hidden_states=True, return_dict=True)
+        layers = config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        picked = [out.hidden_states[i] for i in layers]
+        if config.vision_feature_select_strategy == "default":
+            picked = [h[:, 1:] for h in picked]
+        return torch.cat(picked, dim=-1)
+
+    def embed_image_features(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids + (B, N, d_llm) projected image features -> (B, L, d_llm) input embeddings,
+        the features scattered into the placeholder positions as ``LlavaModel.forward`` does."""
+        input_ids = input_ids.to(self.device)
+        embeds = self.model.get_input_embeddings()(input_ids)
+        features = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)  # (B*N, d_llm)
         mask = self.model.model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
         return embeds.masked_scatter(mask, features)
 
