@@ -276,3 +276,29 @@ def test_projection_holds_through_deepspeed_zero2_and_zero3() -> None:
             assert n_protected > 0, (kind, layer)
             assert protected == 0.0, (kind, layer, protected)
             assert free > 1e-4, (kind, layer, free)
+
+
+def test_bf16_as_a_gpu_engine_converts_it() -> None:
+    """On a GPU the LMM and the method run in bf16 (a bf16 DeepSpeed engine converts every
+    floating parameter and buffer of the method). DRAPE still trains, consolidates, rebases and
+    routes, and keeps the covariance and the basis in float32 (a bf16 covariance could not resolve
+    the null-space threshold)."""
+    lmm, guide = tiny_models(0)
+    lmm.model.to(torch.bfloat16)
+    torch.manual_seed(0)
+    method = build_method("drape", {}, lmm, guide)
+    for t, task in enumerate(("task_a", "task_b")):
+        method.begin_task(t, task)
+        method.bfloat16()
+        batch = batch_for(lmm, task)
+        method.prepare(t, [batch], lambda x: x)
+        loss = method(batch)
+        loss.backward()
+        method.adjust_gradients(GradAccess())
+        assert torch.isfinite(loss) and method.projector.linear_1.weight.grad.dtype == torch.bfloat16
+        method.consolidate(t, [batch], lambda x: x)
+        method.end_task(t)
+    layer = method.projector.linear_1
+    assert layer.weight.dtype == torch.bfloat16
+    assert layer.cov.dtype == layer.basis.dtype == torch.float32 and 0 < int(layer.mask.sum()) < layer.mask.numel()
+    assert method.generate(batch_for(lmm, "task_b", train=False), 3).selected == [[1]] * 4

@@ -171,12 +171,13 @@ class Generator(nn.Module):
 
     def forward(self, text: torch.Tensor, text_keep: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """text (B, L, d_src), text_keep (B, L) bool, patches (B, N, d_vision) -> (B, M, d_llm)."""
-        b = patches.shape[0]
+        b, dt = patches.shape[0], self.base.dtype
         base = self.base[None].expand(b, -1, -1)
         if not self.instance:
             return base * 1
-        q = self.seeds[None].expand(b, -1, -1).to(patches.dtype)
-        keys = self.text_in(self.text_norm(text.to(patches.dtype)))
+        patches = patches.to(dt)
+        q = self.seeds[None].expand(b, -1, -1)
+        keys = self.text_in(self.text_norm(text.to(dt)))
         q = q + self.text_attn(q, keys, keys, key_padding_mask=~text_keep, need_weights=False)[0]
         kv = self.patch_norm(patches)
         q = q + self.image_attn(self.query_norm(q), kv, kv, need_weights=False)[0]
@@ -186,7 +187,14 @@ class Generator(nn.Module):
 class ProjectedLinear(nn.Module):
     """A linear layer y = W~ [x, 1] kept as ``weight`` = W~ U in the basis ``basis`` = U (identity
     until a task rebases it), applied as ([x, 1] U) weight^T. ``mask`` (in + 1,) marks the columns
-    (basis directions) free to move; ``cov`` is the accumulated input covariance ((in+1)^2)."""
+    (basis directions) free to move; ``cov`` is the accumulated input covariance ((in+1)^2).
+
+    ``basis``, ``rotated``, ``mask`` and ``cov`` are float32 tensors outside the module's state
+    dict (``extra_state`` gives them to the method's ``state_tensors``): a bf16 DeepSpeed engine
+    converts every floating buffer, and a covariance rounded to bf16 cannot resolve eigenvalues a
+    thousandth of the largest."""
+
+    EXTRA = ("basis", "rotated", "mask", "cov")
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -194,26 +202,38 @@ class ProjectedLinear(nn.Module):
         n_in = w.shape[1] + 1
         bias = linear.bias.detach() if linear.bias is not None else torch.zeros(w.shape[0], device=w.device)
         self.weight = nn.Parameter(torch.cat([w, bias[:, None]], dim=1).float().clone())
-        self.register_buffer("basis", torch.eye(n_in, device=w.device))
-        self.register_buffer("rotated", torch.zeros((), dtype=torch.bool, device=w.device))
-        self.register_buffer("mask", torch.ones(n_in, device=w.device))
-        self.register_buffer("cov", torch.zeros(n_in, n_in, device=w.device))
+        self.basis = torch.eye(n_in, device=w.device)
+        self.rotated = torch.zeros((), dtype=torch.bool, device=w.device)
+        self.mask = torch.ones(n_in, device=w.device)
+        self.cov = torch.zeros(n_in, n_in, device=w.device)
         self._pmat: torch.Tensor | None = None  # standard basis: the null-space projector P
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k).detach().cpu().contiguous().clone() for k in self.EXTRA}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k in self.EXTRA:
+            current = getattr(self, k)
+            if tensors[k].shape != current.shape:
+                raise ValueError(f"drape: projector {k} of shape {tuple(tensors[k].shape)}, expected {tuple(current.shape)}")
+            setattr(self, k, tensors[k].to(current.device, current.dtype).clone())
+        self._pmat = None
 
     @staticmethod
     def augment(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.augment(x.float())
+        dt = self.weight.dtype
+        z = self.augment(x.to(dt))
         if bool(self.rotated):
-            z = z @ self.basis
+            z = z @ self.basis.to(z.device, dt)
         return z @ self.weight.T
 
     def effective(self) -> torch.Tensor:
-        """W~ = [W | b] in the standard basis (out, in + 1)."""
+        """W~ = [W | b] in the standard basis (out, in + 1), float32."""
         w = self.weight.detach().float()
-        return w @ self.basis.T if bool(self.rotated) else w.clone()
+        return w @ self.basis.to(w.device).T if bool(self.rotated) else w.clone()
 
     def rebase(self, threshold: float, mode: str) -> int:
         """Protect the accumulated covariance's principal directions for the next task; returns
@@ -224,17 +244,11 @@ class ProjectedLinear(nn.Module):
         free = evals < threshold * evals.max()
         with torch.no_grad():
             w_eff = self.effective()
-            if mode == "eigen":
-                basis = evecs.float()
-                self.basis.copy_(basis)
-                self.weight.copy_(w_eff @ basis)
-                self.rotated.fill_(True)
-                self.mask.copy_(free.float())
-            else:
-                self.basis.copy_(torch.eye(self.basis.shape[0], device=self.basis.device))
-                self.weight.copy_(w_eff)
-                self.rotated.fill_(False)
-                self.mask.copy_(free.float())
+            eigen = mode == "eigen"
+            self.basis = evecs.float() if eigen else torch.eye(self.basis.shape[0], device=self.basis.device)
+            self.weight.copy_((w_eff @ self.basis.to(w_eff.device)).to(self.weight.dtype))
+            self.rotated = torch.tensor(eigen, device=self.rotated.device)
+            self.mask = free.float().to(self.mask.device)
         self._pmat = None
         return int(free.sum())
 
@@ -348,14 +362,23 @@ class DRAPE(MethodBase):
         self.current = None
 
     # ------------------------------------------------------------------ state
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = super().state_tensors()
+        for layer in LAYERS:
+            for k, v in getattr(self.projector, layer).extra_state().items():
+                out[f"projector.{layer}.{k}"] = v
+        return out
+
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = dict(tensors)
+        extra = {layer: {k: tensors.pop(f"projector.{layer}.{k}") for k in ProjectedLinear.EXTRA} for layer in LAYERS}
         ids = {int(m.group(1)) for k in tensors if (m := re.match(r"tasks\.(\d+)\.", k))}
         while self.num_tasks < (max(ids) + 1 if ids else 0):
             self._new_generator(restoring=True)
         with gathered(self.parameters(), modifier_rank=0):
             self.load_state_dict(tensors, strict=True)
         for layer in LAYERS:
-            getattr(self.projector, layer)._pmat = None
+            getattr(self.projector, layer).load_extra_state(extra[layer])
         for p in self.parameters():
             p.requires_grad_(False)
         self.current = None
@@ -435,7 +458,7 @@ class DRAPE(MethodBase):
         with torch.no_grad(), gathered(self.projector.parameters()):
             for batch in batches:
                 patches = self.lmm.vision_features(batch["pixel_values"]).float().flatten(0, 1)
-                hidden = self.projector.hidden(patches)
+                hidden = self.projector.hidden(patches).float()
                 for name, x in (("linear_1", patches), ("linear_2", hidden)):
                     z = ProjectedLinear.augment(x).double()
                     covs[name] += z.T @ z
@@ -444,7 +467,7 @@ class DRAPE(MethodBase):
             raise ValueError(f"drape: no training batch to accumulate task {task_index}'s covariance from")
         for name in LAYERS:
             layer = getattr(self.projector, name)
-            layer.cov += mean_over_workers(covs[name] / n).float()
+            layer.cov = layer.cov + mean_over_workers(covs[name] / n).float().to(layer.cov.device)
 
     def adjust_gradients(self, grads: GradAccess) -> None:
         """Project the shared projector's gradients onto the null space of the earlier tasks'
