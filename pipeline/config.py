@@ -575,7 +575,7 @@ def load_config(
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     cfg.validate()
-    return cfg
+    return _without_credentials(cfg)
 
 
 def _renamed_for_method(raw: dict[str, Any], file_method: str) -> dict[str, Any]:
@@ -597,4 +597,14 @@ def _renamed_for_method(raw: dict[str, Any], file_method: str) -> dict[str, Any]
 def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     cfg = _from_dict(ExperimentConfig, raw, "")
     cfg.validate()
+    return _without_credentials(cfg)
+
+
+def _without_credentials(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Credentials in ``tracking.uri`` move to MLflow's environment variables
+    (``pipeline.redaction``): the config, hence the run directory and every sub-run, never holds
+    them."""
+    from pipeline.redaction import strip_tracking_credentials
+
+    cfg.tracking.uri = strip_tracking_credentials(cfg.tracking.uri)
     return cfg

@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+from pipeline.redaction import redact
 from stages.artifacts import RUN_LOG
 
 LIBRARY_LOGGERS = ("ray", "mlflow", "py.warnings", "alembic", "urllib3", "filelock", "fsspec", "s3fs", "botocore",
@@ -19,8 +20,17 @@ _lock = threading.Lock()
 _sinks: list["LogCapture"] = []
 
 
+class RedactingFormatter(logging.Formatter):
+    """Library log records as the run log keeps them, credentials masked (``pipeline.redaction``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 def emit(line: str) -> None:
-    """A pipeline line: the terminal (one write per line) and every open run log."""
+    """A pipeline line: the terminal (one write per line) and every open run log, credentials
+    masked."""
+    line = redact(line)
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
     with _lock:
@@ -33,7 +43,7 @@ class LogCapture:
         self.path = Path(root) / RUN_LOG
         self.fh = open(self.path, "a", buffering=1)
         self.handler = logging.StreamHandler(self.fh)
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self.verbose = verbose
         self._saved: list[tuple[logging.Logger, list[logging.Handler], bool, int]] = []
         logging.captureWarnings(True)
@@ -84,7 +94,7 @@ class LogCapture:
 
     def write(self, line: str) -> None:
         try:
-            self.fh.write(line + "\n")
+            self.fh.write(redact(line) + "\n")
         except ValueError:  # closed
             pass
 

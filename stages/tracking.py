@@ -22,6 +22,8 @@ from typing import Any, Iterable
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from pipeline.redaction import redact, strip_tracking_credentials
+
 _SECRET = re.compile(r"(secret|password|token|access_key|credential)", re.I)
 
 
@@ -29,7 +31,8 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"train.lr": "0.003", ...}; values that look like secrets are dropped."""
+    """Nested config -> {"train.lr": "0.003", ...}; keys that look like secrets are dropped and
+    credentials inside values (a URL's password, ...) masked."""
     out: dict[str, str] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
@@ -38,12 +41,18 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             out.update(flatten(value, name + "."))
         else:
-            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+            out[name] = redact(json.dumps(value) if isinstance(value, (list, tuple)) else str(value))
     return out
 
 
 def tracking_uri_for(run_root: Path, configured: str | None) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or configured or f"sqlite:///{run_root / 'mlflow.db'}"
+    """``MLFLOW_TRACKING_URI``, else ``tracking.uri``, else SQLite in the run directory. Credentials
+    in the environment's URI move to MLflow's credential variables (``pipeline.redaction``), and
+    the variable is set to the clean URI, for MLflow and for the processes the run starts."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        os.environ["MLFLOW_TRACKING_URI"] = env = strip_tracking_credentials(env)
+    return env or strip_tracking_credentials(configured) or f"sqlite:///{run_root / 'mlflow.db'}"
 
 
 def _serialised(method):

@@ -30,7 +30,7 @@ Choices the summary leaves open (each with its option):
   instance part's output layer starts at 0.1x the vocabulary's RMS, so the prompts start near the
   base tokens and are instance-specific from the first step. ``hidden`` (h) defaults to
   min(d_llm, 1024): on LLaVA-1.5-7B a generator is about 17M parameters per task (the dry run
-  prints it); at h = d_llm it would be about 120M.
+  prints it); at h = d_llm it would be about 143M.
   ``generator: task_prompt`` is the ablation "a task-level prompt instead of the generator": only
   the M base tokens, the same for every sample of the task (the generator's weights are not
   created).
