@@ -16,7 +16,6 @@ import os
 import re
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-SECRET_NAME = re.compile(r"(secret|password|passwd|token|access_key|credential|api_?key|signature)", re.I)
 MASK = "***"
 _URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)([^/\s:@]*)(:[^/\s@]*)?@")
 _QUERY_SECRET = re.compile(r"([?&][^=&\s#]*(?:token|secret|password|key|signature|sig|credential)[^=&\s#]*=)[^&\s#]+",
@@ -24,10 +23,21 @@ _QUERY_SECRET = re.compile(r"([?&][^=&\s#]*(?:token|secret|password|key|signatur
 MIN_SECRET_LEN = 6  # shorter environment values (e.g. "1") would mask ordinary text
 
 
+_SECRET_PARTS = {"SECRET", "PASSWORD", "PASSWD", "TOKEN", "CREDENTIAL", "CREDENTIALS", "APIKEY", "SIGNATURE"}
+
+
+def secret_env_name(name: str) -> bool:
+    """A variable that holds a credential by its name's words: ``AWS_SECRET_ACCESS_KEY``,
+    ``MLFLOW_TRACKING_PASSWORD``, ``HF_TOKEN``, ``WANDB_API_KEY`` (not ``TOKENIZERS_PARALLELISM``)."""
+    parts = [p for p in re.split(r"[^A-Za-z0-9]+", name.upper()) if p]
+    pairs = {f"{a}_{b}" for a, b in zip(parts, parts[1:])}
+    return bool(_SECRET_PARTS & set(parts)) or bool({"API_KEY", "ACCESS_KEY"} & pairs)
+
+
 def secret_env_values(env: dict[str, str] | None = None) -> list[str]:
     """Values of the environment's secret-looking variables, longest first."""
     env = os.environ if env is None else env
-    values = {v for k, v in env.items() if SECRET_NAME.search(k) and v and len(v) >= MIN_SECRET_LEN}
+    values = {v for k, v in env.items() if secret_env_name(k) and v and len(v) >= MIN_SECRET_LEN}
     return sorted(values, key=len, reverse=True)
 
 

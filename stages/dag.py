@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection
 
 from pipeline.config import ExperimentConfig
+from pipeline.failpoints import failpoint
 from stages.artifacts import DONE_FILE, ERROR_FILE
 from stages.schedules import Stage, schedule_for
 
@@ -83,6 +84,7 @@ class DagExecutor:
             raise
         wall = time.time() - t0
         marker = self.rundir.complete(stage.id, wall_s=wall, result=result)
+        failpoint(f"marked-{stage.kind}")
         self.tracker.log_metrics(run_id, {"stage_wall_s": wall})
         self.tracker.log_artifact(run_id, stage_dir / DONE_FILE)
         self.tracker.end(run_id, ok=True)

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from pipeline.config import ExperimentConfig
 from pipeline.data.coin import BadRecordsError, list_images, scan_split
+from pipeline.failpoints import failpoint
 from stages.artifacts import DATA_REPORT
 from stages.common import data_source, synth_root
 
@@ -48,6 +49,7 @@ def run_data_stage(cfg: ExperimentConfig, stage_dir: Path, log: Callable[[str], 
             warnings += [w.to_dict() for w in res.warnings]
             if res.bad and (split == "test" or cfg.data.on_bad == "error"):
                 problems.append(res.bad[0])
+        failpoint("data-task")
     report = {"source": {"instructions_root": source.instructions_root, "image_root": source.image_root},
               "counts": counts, "bad": bad_all, "warnings": warnings, "images_found": len(images), **summary}
     (stage_dir / DATA_REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))

@@ -17,6 +17,7 @@ import numpy as np
 import ray
 
 from pipeline.config import config_from_dict
+from pipeline.failpoints import failpoint
 from pipeline.scoring.scorers import score_task
 from stages.artifacts import PREDICTIONS_DIR, SCORES_FILE
 from stages.common import BaseModels, build_method_for, load_models, load_state
@@ -120,6 +121,7 @@ def run_evaluate_stage(
                     "question_id": r["id"], "text": r["prediction"],
                     "selected": json.loads(r["selected"]), "scores": json.loads(r["scores"]),
                 }) + "\n")
+        failpoint("eval-predictions")
         result = score_task(task, test_rows[task], {str(r["id"]): r["prediction"] for r in got},
                             scorer=cfg.scorer_of(task))
         scores[task] = result.score

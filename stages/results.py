@@ -8,6 +8,7 @@ import json
 import time
 from typing import Any
 
+from pipeline.failpoints import failpoint
 from pipeline.figures import heatmap
 from pipeline.methods.protocol import SEQUENTIAL
 from pipeline.scoring.metrics import all_metrics
@@ -88,6 +89,7 @@ class RunResults:
             "diagnostics": summary, "diagnostics_lines": diag.get("lines", []),
         }
         write_json_atomic(root / RESULTS_FILE, results)
+        failpoint("results-written")
         (root / MATRIX_JSON).write_text(json.dumps({"tasks": tasks, "matrix": matrix,
                                                     **({"isolation": isolation} if isolation else {})}, indent=2))
         if "fwt" in metrics:

@@ -190,6 +190,7 @@ class PipelineRun:
             params={**flatten(cfg.to_dict()), "git_commit": commit, "schedule": self.schedule},
             tags={"method": cfg.method.name, "run_dir": str(rundir.root), "git_commit": commit,
                   **({"mlflow.parentRunId": self.mlflow_parent} if self.mlflow_parent else {})},
+            completed=rundir.completed,
         )
         self.log(f"run directory: {rundir.root}")
         self.log(f"MLflow: {tracker.uri} (experiment {tracker.experiment!r}, run {parent})")

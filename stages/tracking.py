@@ -17,12 +17,13 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 from pipeline.redaction import redact, strip_tracking_credentials
+from stages.artifacts import DONE_FILE
 
 _SECRET = re.compile(r"(secret|password|token|access_key|credential)", re.I)
 
@@ -91,12 +92,16 @@ class Tracker:
 
     # --- runs ---------------------------------------------------------------------------------
     @_serialised
-    def start_parent(self, run_name: str, params: dict[str, str], tags: dict[str, str]) -> str:
+    def start_parent(self, run_name: str, params: dict[str, str], tags: dict[str, str],
+                     completed: Callable[[str], dict[str, Any] | None] | None = None) -> str:
+        """The run's parent MLflow run: the one recorded in ``DIR/mlflow.json`` when the run
+        resumes (``completed``: the stage id -> its verified completion marker or None, see
+        ``_close_abandoned_stages``), else a new one."""
         state = json.loads(self._state_file.read_text()) if self._state_file.exists() else {}
         if state.get("parent_run_id") and state.get("tracking_uri") == self.uri:
             self.parent_id = state["parent_run_id"]
             self.client.update_run(self.parent_id, status="RUNNING")
-            self._close_abandoned_stages()
+            self._close_abandoned_stages(completed)
             return self.parent_id
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.parent_id = run.info.run_id
@@ -104,17 +109,33 @@ class Tracker:
         self._state_file.write_text(json.dumps({"parent_run_id": self.parent_id, "tracking_uri": self.uri}))
         return self.parent_id
 
-    def _close_abandoned_stages(self) -> None:
-        """On resume: a stage run still RUNNING belongs to a driver that was killed mid-stage (the
-        run directory's lock rules out a live one, ``RunDir.open``). Mark it KILLED, so that the UI does not show it
-        running forever beside the re-run's stage run."""
+    def _close_abandoned_stages(self, completed: Callable[[str], dict[str, Any] | None] | None) -> None:
+        """On resume: a stage run still RUNNING belongs to a driver that was killed (the run
+        directory's lock rules out a live one, ``RunDir.open``). If the stage completed (its
+        marker verifies: the driver died between the marker and the run's end), the run gets what
+        the driver did not log (``stage_wall_s``, the marker) and ends FINISHED: the stage is not
+        run again. Otherwise it is marked KILLED, so that the UI does not show it running forever
+        beside the re-run's stage run."""
         stale = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}' and attributes.status = 'RUNNING'",
             max_results=1000,
         )
         for run in stale:
-            if "stage" not in run.data.tags:  # e.g. a sweep's trial runs: Tune resumes those itself
+            stage = run.data.tags.get("stage")
+            if stage is None:  # e.g. a sweep's trial runs: Tune resumes those itself
+                continue
+            try:
+                marker = completed(stage) if completed is not None else None
+            except Exception:  # damaged outputs: the DAG reports them when it reaches the stage
+                marker = None
+            if marker is not None:
+                if "stage_wall_s" not in run.data.metrics:
+                    self.client.log_metric(run.info.run_id, "stage_wall_s", float(marker["wall_s"]))
+                self.client.log_dict(run.info.run_id, marker, DONE_FILE)
+                self.client.set_tag(run.info.run_id, "finalised",
+                                    "its driver ended after the stage completed; finished on resume")
+                self.client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.FINISHED))
                 continue
             self.client.set_tag(run.info.run_id, "stopped",
                                 "its driver ended while the stage ran; the stage is re-run on resume")

@@ -29,6 +29,7 @@ from ray.train.torch import TorchTrainer
 from pipeline.config import ExperimentConfig, StageTrain
 from pipeline.methods.protocol import SEQUENTIAL
 from stages.artifacts import META_FILE, PROGRESS_FILE, RAY_TRAIN_DIR, REPLAY_STORE_FILE, SKIPPED_FILE, STATE_FILE
+from pipeline.failpoints import failpoint
 from stages.common import BaseModels, JsonlTail, load_state, save_state
 from stages.datasets import read_dataset
 from stages.train_worker import WorkerJob, train_loop_per_worker
@@ -271,6 +272,7 @@ def run(ctx, stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
     def on_progress(rows: list[dict]) -> None:
         ctx.tracker.log_metric_series(run_id, rows)
         show(rows)
+        failpoint("train-progress")
 
     stored = replay_rows(ctx, stage)
     if stored:  # which samples are kept, and of which task: recorded beside the stage and in MLflow

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.redaction import redact, strip_tracking_credentials
+from pipeline.redaction import redact, secret_env_name, strip_tracking_credentials
 from tests.helpers import ROOT, SMALL, free_port, pipeline_env
 from tests.s3_server import FAKE_KEY_ID, FAKE_SECRET, s3_env, s3_server, upload_tree  # noqa: F401 (fixtures)
 
@@ -28,11 +28,15 @@ SECRETS = [FAKE_SECRET, TOKEN, SESSION, *OTHER.values()]
 
 
 def test_redact_masks_url_credentials_query_secrets_and_env_values() -> None:
-    env = {"MY_API_KEY": "abcdef123456", "PATH": "/usr/bin"}
+    env = {"MY_API_KEY": "abcdef123456", "PATH": "/usr/bin", "TOKENIZERS_PARALLELISM": "falsefalse"}
     text = ("http://alice:s3cr3t@host:5000/x https://tok123@h/y s3://b/k?X-Amz-Signature=deadbeef&part=2 "
-            "key abcdef123456 /usr/bin")
+            "key abcdef123456 /usr/bin falsefalse")
     assert redact(text, env) == ("http://alice:***@host:5000/x https://***@h/y s3://b/k?X-Amz-Signature=***&part=2 "
-                                 "key *** /usr/bin")
+                                 "key *** /usr/bin falsefalse")
+    assert [n for n in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN",
+                        "WANDB_API_KEY", "AWS_SESSION_TOKEN", "TOKENIZERS_PARALLELISM", "KEYBOARD", "HOME")
+            if secret_env_name(n)] == ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD",
+                                       "HF_TOKEN", "WANDB_API_KEY", "AWS_SESSION_TOKEN"]
 
 
 def test_tracking_credentials_move_to_mlflows_variables(monkeypatch) -> None:
