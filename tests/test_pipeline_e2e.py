@@ -292,11 +292,35 @@ def _drill_points(out: Path, rng) -> list:
     ]
 
 
+def _kill_first_inference_worker(proc: subprocess.Popen, timeout: float = 600) -> list[int]:
+    """SIGKILL the first Ray Data inference actor (``Predictor``) of ``proc``'s own Ray (its
+    raylet's workers descend from the driver) seen while ``proc`` runs."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            family = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            break
+        for p in family:
+            try:
+                line = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            if "ray::MapWorker" in line and "Predictor" in line:
+                p.kill()
+                return [p.pid]
+        time.sleep(0.1)
+    return []
+
+
 @pytest.mark.slow
 def test_driver_killed_at_five_seeded_points_resumes_to_the_uninterrupted_results(tmp_path, cache_dir):
     """Fault drill: the driver is killed with SIGKILL at five points spread over one run, each
-    time followed by the same command; the run ends with the uninterrupted run's matrix and
-    metrics, every prediction recorded once, and every MLflow stage run and metric exactly once."""
+    time followed by the same command, and an inference worker is killed in the middle of an
+    evaluate stage; the run ends with the uninterrupted run's matrix and metrics, every prediction
+    recorded once, and every MLflow stage run and metric exactly once."""
     import random
 
     from mlflow.tracking import MlflowClient
@@ -306,12 +330,19 @@ def test_driver_killed_at_five_seeded_points_resumes_to_the_uninterrupted_result
     out = tmp_path / "killed"
     rng = random.Random(21)
     points = []
+    workers_killed = []
     for choose in _drill_points(out, rng):
         points.append(choose())
         env = dict(_env(), COIN_FAILPOINT=points[-1])
-        proc = subprocess.run([PY, "pipeline/main.py", "--output", str(out), f"cache_dir={cache_dir}", *SMALL],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == -signal.SIGKILL, (points, proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+        proc = subprocess.Popen([PY, "pipeline/main.py", "--output", str(out), f"cache_dir={cache_dir}", *SMALL],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if points[-1].startswith("results-written"):
+            # this invocation re-runs the evaluation the previous one was killed in: kill its
+            # inference worker (a Ray Data actor) mid-stage too
+            workers_killed += _kill_first_inference_worker(proc)
+        stdout, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == -signal.SIGKILL, (points, proc.returncode, stdout[-2000:], stderr[-2000:])
+    assert workers_killed, "no inference worker was seen running"
     resumed = _run(out, cache_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     res, want = _results(out), _results(ref)

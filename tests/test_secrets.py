@@ -3,11 +3,15 @@ sweep leaves: the terminal output, every file of the run directory, the MLflow s
 artifacts, and the MLflow params and tags (issue: secrets stay secret).
 
 The run reads its data from a real S3 API server on loopback (moto) with the planted keys, and
-tracks to a real ``mlflow server`` through a URI that carries a user and a token."""
+tracks to a real ``mlflow server`` through a URI that carries a user and a token. The server is
+stopped while the run trains and started again 10 s later (a fault drill): the run goes on, and
+every stage run, metric and artifact is in MLflow exactly once."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -56,33 +60,48 @@ def test_tracking_credentials_move_to_mlflows_variables(monkeypatch) -> None:
     assert cfg.tracking.uri == "http://127.0.0.1:5000" and TOKEN not in str(cfg.to_dict())
 
 
+class MlflowServer:
+    """A real tracking server on loopback, as teams run one (SQLite store, served artifacts), that
+    a test can stop and start again on the same port and store."""
+
+    def __init__(self, root: Path) -> None:
+        self.port, self.store = free_port(), root / "mlflow-server"
+        self.store.mkdir()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.store / 'store.db'}",
+             "--artifacts-destination", str(self.store / "artifacts"), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.store, start_new_session=True)
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2).close()
+                return
+            except OSError:
+                assert self.proc.poll() is None, "mlflow server exited"
+                assert time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its workers
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
-    """A real tracking server on loopback, as teams run one (SQLite store, served artifacts)."""
-    port = free_port()
-    store = tmp_path / "mlflow-server"
-    store.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{store / 'store.db'}", "--artifacts-destination", str(store / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2).close()
-            break
-        except OSError:
-            assert proc.poll() is None, "mlflow server exited"
-            assert time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-    yield url, store
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
 
 
 def _files_with_secrets(root: Path) -> list[str]:
@@ -100,7 +119,7 @@ def test_a_run_and_a_sweep_leave_no_credential_anywhere(tmp_path, s3_env, s3_ser
 
     from pipeline.data.synth import SynthSpec, generate_benchmark
 
-    url, store = mlflow_server
+    url, store = mlflow_server.url, mlflow_server.store
     tasks = ("ScienceQA", "ImageNet")
     generate_benchmark(tmp_path / "synth", SynthSpec(image_size=64, train_per_task=16, test_per_task=8,
                                                      pretrain_records=0, pretrain_skill_per_task=0, tasks=tasks))
@@ -111,8 +130,18 @@ def test_a_run_and_a_sweep_leave_no_credential_anywhere(tmp_path, s3_env, s3_ser
     common = [f"cache_dir={tmp_path / 'cache'}", *SMALL, f"tasks=[{','.join(tasks)}]", "data.source=coin",
               f"data.root=s3://{s3_env}/coin", f"data.image_root=s3://{s3_env}/coin/images",
               f"tracking.uri=http://planted-user:{TOKEN}@{host}"]
-    run = subprocess.run([sys.executable, "pipeline/main.py", "--output", str(tmp_path / "run"), *common],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.Popen([sys.executable, "pipeline/main.py", "--output", str(tmp_path / "run"), *common],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the tracking server goes away while the first task trains, and comes back 10 s later
+    deadline = time.time() + 600
+    while not (tmp_path / "run" / "stages" / "02-train-ScienceQA").exists() and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    mlflow_server.stop()
+    time.sleep(10)
+    mlflow_server.start()
+    stdout, stderr = proc.communicate(timeout=900)
+    run = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Accuracy matrix" in run.stdout and f"MLflow: {url}" in run.stdout
     sweep = subprocess.run([sys.executable, "pipeline/main.py", "tune", "--output", str(tmp_path / "sweep"), *common,
@@ -136,3 +165,20 @@ def test_a_run_and_a_sweep_leave_no_credential_anywhere(tmp_path, s3_env, s3_ser
         assert not [s for s in SECRETS if s in text], r.info.run_id
     recorded = {r.data.params["tracking.uri"] for r in runs if "tracking.uri" in r.data.params}
     assert recorded <= {url}  # where the URI is recorded, it is the clean one
+
+    # the server's outage lost nothing and doubled nothing: each stage run FINISHED once with its
+    # marker, each metric of the run once per step
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    parent = client.get_run(result["mlflow"]["run_id"])
+    stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in stages if r.info.status == "FINISHED") == sorted(result["stage_wall_s"])
+    for r in stages:
+        assert "DONE.json" in {a.path for a in client.list_artifacts(r.info.run_id)}, r.info.run_name
+        for key in r.data.metrics:
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (r.info.run_name, key, steps)
+    for key in parent.data.metrics:
+        steps = [m.step for m in client.get_metric_history(parent.info.run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "acc/ScienceQA")] == [1, 2]
+    assert {"results.json", "accuracy_matrix.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
