@@ -205,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_error(exc: Exception) -> bool:
     from pipeline.config import ConfigError
     from pipeline.data.coin import DataError
+    from pipeline.data.storage import StorageError
     from stages.rundir import RunDirError
 
-    return isinstance(exc, (ConfigError, DataError, RunDirError, FileNotFoundError))
+    return isinstance(exc, (ConfigError, DataError, RunDirError, FileNotFoundError, StorageError))
 
 
 if __name__ == "__main__":

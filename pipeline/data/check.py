@@ -42,6 +42,8 @@ def _decode_failures(source: CoinSource, task: str, result: LoadResult, *, label
         try:
             open_image(fs, storage.join(root, path))
             return None
+        except storage.StorageError:  # the store failed, not the record: the check stops, naming it
+            raise
         except Exception as e:  # noqa: BLE001 - PIL raises many exception types
             return decode_error_reason(path, e)
 
@@ -91,6 +93,8 @@ def check_data(source: CoinSource, tasks: Sequence[str] | None = None, *, decode
                               "tasks": {}, "errors": []}
     try:
         image_files = list_images(source)
+    except storage.StorageError:
+        raise
     except Exception as e:  # noqa: BLE001 - any listing failure is reported, not raised
         report["errors"].append(f"cannot list the image root {source.image_root}: {type(e).__name__}: {e}")
         image_files = set()

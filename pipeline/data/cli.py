@@ -2,7 +2,8 @@
 
 ``main.py`` calls ``add_subcommands(subparsers)`` and then ``args.func(args)``; each function
 prints one JSON document to stdout and returns the process exit code: 0 fine, 1 the data
-checked is bad (check-data), 2 the input files are unusable (the JSON then is {"error": ...}).
+checked is bad (check-data), 2 the input files are unusable or the store failed to serve them after its retries (the JSON
+then is {"error": ...} naming the file or URL).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except (ValueError, FileNotFoundError) as e:  # DataError, ScoringError, InputError
+        except (ValueError, FileNotFoundError, storage.StorageError) as e:  # DataError, ScoringError, InputError
             _print({"error": str(e)})
             return 2
 

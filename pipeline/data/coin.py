@@ -380,9 +380,7 @@ def open_image(fs: Any, path: str):
     """Open and fully decode one image as RGB (PIL raises on corrupt or truncated data)."""
     from PIL import Image
 
-    with fs.open(path, "rb") as f:
-        data = f.read()
-    image = Image.open(io.BytesIO(data))
+    image = Image.open(io.BytesIO(storage.read_bytes(fs, path)))
     image.load()
     return image.convert("RGB")
 
@@ -432,6 +430,8 @@ def _decode_one(fs: Any, root: str, row_path: str, size: int, bad: BadRecord, pa
         return np.zeros((size, size, 3), dtype=np.uint8)
     try:
         return decode_image(fs, storage.join(root, row_path), size, pad_color)
+    except storage.StorageError:  # the store failed, not the record: never skipped as bad data
+        raise
     except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, ...)
         raise DataError(BadRecord(bad.file, bad.index, bad.id, "image", decode_error_reason(row_path, e))) from e
 

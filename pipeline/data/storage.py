@@ -5,6 +5,14 @@ AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION / AWS_REGION) and a
 endpoint from ``S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL`` (MinIO, moto, ...). Credentials are
 read into the filesystem object so that it can be pickled to Ray workers whose environment
 lacks them; they are never logged and never put into messages (paths and URLs only).
+
+Failures of the store itself (a 5xx, a throttle, a dropped connection) are retried a bounded
+number of times: botocore's "standard" retry mode, ``S3_MAX_ATTEMPTS`` attempts in all (default
+5, exponential backoff with jitter), each with ``S3_CONNECT_TIMEOUT`` / ``S3_READ_TIMEOUT``
+seconds (10 / 60); s3fs's own retry loop is turned off so that the two do not multiply (they
+did: 250 requests over three minutes for one unreachable image). What still fails raises
+``StorageError`` naming the URL: never a bad record, so ``data.on_bad=skip`` cannot drop records
+for a network fault.
 """
 
 from __future__ import annotations
@@ -18,6 +26,25 @@ from typing import Any
 import fsspec
 
 _REMOTE_SCHEMES = ("s3://", "s3a://")
+
+
+class StorageError(RuntimeError):
+    """The store failed to serve ``url`` after its bounded retries (not a problem of the data)."""
+
+    def __init__(self, url: str, cause: BaseException) -> None:
+        super().__init__(f"{url}: could not be read from storage after its retries "
+                         f"({type(cause).__name__}: {cause})")
+        self.url = url
+
+    def __reduce__(self):  # across Ray's pickling
+        return (_storage_error, (str(self), self.url))
+
+
+def _storage_error(message: str, url: str) -> StorageError:
+    err = StorageError.__new__(StorageError)
+    RuntimeError.__init__(err, message)
+    err.url = url
+    return err
 
 
 def is_remote(root: str) -> bool:
@@ -43,7 +70,38 @@ def s3_storage_options() -> dict[str, Any]:
         client["region_name"] = region
     if client:
         opts["client_kwargs"] = client
+    opts["config_kwargs"] = {
+        "retries": {"mode": "standard", "max_attempts": int(env.get("S3_MAX_ATTEMPTS", "5"))},
+        "connect_timeout": float(env.get("S3_CONNECT_TIMEOUT", "10")),
+        "read_timeout": float(env.get("S3_READ_TIMEOUT", "60")),
+    }
     return opts
+
+
+def _bounded_s3() -> type:
+    """s3fs's filesystem with one try in its own retry loop (botocore's bounded retries do the
+    retrying; see the module docstring). Importable as ``pipeline.data.storage.BoundedS3FileSystem``
+    (module ``__getattr__``), so that it pickles to Ray workers; s3fs is imported on first use."""
+    global _BOUNDED
+    if _BOUNDED is None:
+        from s3fs import S3FileSystem
+
+        class BoundedS3FileSystem(S3FileSystem):
+            retries = 1
+
+        BoundedS3FileSystem.__module__ = __name__
+        BoundedS3FileSystem.__qualname__ = "BoundedS3FileSystem"
+        _BOUNDED = BoundedS3FileSystem
+    return _BOUNDED
+
+
+_BOUNDED: type | None = None
+
+
+def __getattr__(name: str):
+    if name == "BoundedS3FileSystem":
+        return _bounded_s3()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve(root: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -53,7 +111,8 @@ def resolve(root: str) -> tuple[fsspec.AbstractFileSystem, str]:
     ``bucket/prefix`` (no scheme) for S3.
     """
     if is_remote(root):
-        fs, path = fsspec.core.url_to_fs(root, **s3_storage_options())
+        fs = _bounded_s3()(**s3_storage_options())
+        path = fs._strip_protocol(root)
     else:
         fs, path = fsspec.core.url_to_fs(os.path.abspath(os.path.expanduser(root)))
     return fs, path.rstrip("/") or path
@@ -73,8 +132,16 @@ def display(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    """The whole content of one file."""
-    return fs.cat_file(path)
+    """The whole content of one file (``FileNotFoundError`` if there is none; ``StorageError``
+    if the store fails to serve it)."""
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        if not is_remote(display(fs, path)):
+            raise
+        raise StorageError(display(fs, path), e) from e
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
@@ -93,7 +160,15 @@ def list_files(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
     fs.invalidate_cache()
     prefix = root.rstrip("/") + "/"
     out = set()
-    for full in fs.find(root):
+    try:
+        found = fs.find(root)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        if not is_remote(display(fs, root)):
+            raise
+        raise StorageError(display(fs, root), e) from e
+    for full in found:
         full = full.rstrip("/")
         if full.startswith(prefix):
             out.add(full[len(prefix):])
