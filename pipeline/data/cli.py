@@ -2,8 +2,8 @@
 
 ``main.py`` calls ``add_subcommands(subparsers)`` and then ``args.func(args)``; each function
 prints one JSON document to stdout and returns the process exit code: 0 fine, 1 the data
-checked is bad (check-data), 2 the input files are unusable or the store failed to serve them after its retries (the JSON
-then is {"error": ...} naming the file or URL).
+checked is bad (check-data), 2 the input files are unusable or the store failed to serve them
+after its retries (the JSON then is {"error": ...} naming the file or URL).
 """
 
 from __future__ import annotations
