@@ -21,7 +21,8 @@ import json
 import os
 import posixpath
 import stat
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import fsspec
 
@@ -131,17 +132,25 @@ def display(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return f"{protocol}://{path}"
 
 
-def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    """The whole content of one file (``FileNotFoundError`` if there is none; ``StorageError``
-    if the store fails to serve it)."""
+@contextmanager
+def _store_errors(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[None]:
+    """An object store's failure (after its retries) as ``StorageError`` naming the URL; a missing
+    file stays ``FileNotFoundError``; local errors pass as they are."""
     try:
-        return fs.cat_file(path)
+        yield
     except FileNotFoundError:
         raise
     except Exception as e:
         if not is_remote(display(fs, path)):
             raise
         raise StorageError(display(fs, path), e) from e
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """The whole content of one file (``FileNotFoundError`` if there is none; ``StorageError``
+    if the store fails to serve it)."""
+    with _store_errors(fs, path):
+        return fs.cat_file(path)
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
@@ -160,14 +169,8 @@ def list_files(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
     fs.invalidate_cache()
     prefix = root.rstrip("/") + "/"
     out = set()
-    try:
+    with _store_errors(fs, root):
         found = fs.find(root)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        if not is_remote(display(fs, root)):
-            raise
-        raise StorageError(display(fs, root), e) from e
     for full in found:
         full = full.rstrip("/")
         if full.startswith(prefix):

@@ -357,8 +357,7 @@ class DRAPE(MethodBase):
         self.current = task_index
 
     def end_task(self, task_index: int) -> None:
-        for p in self.parameters():
-            p.requires_grad_(False)
+        super().end_task(task_index)
         self.current = None
 
     # ------------------------------------------------------------------ state
