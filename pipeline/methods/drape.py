@@ -90,11 +90,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.methods.base import MethodBase
-from pipeline.methods.helpers import gathered, initial_prompts
+from pipeline.methods.helpers import gathered, initial_prompts, instruction_tokens
 from pipeline.methods.protocol import Diagnostics, GradAccess, Generation
 from pipeline.methods.registry import register
 
-IGNORE = -100
 GENERATORS = ("instance", "task_prompt")
 QUERY_SOURCES = ("llm_tokens", "guide_text")
 ROUTES = ("image_text", "image", "text")
@@ -401,12 +400,7 @@ class DRAPE(MethodBase):
             with torch.no_grad():
                 x = self.guide.encode_text(batch["guide_text"]).float().to(self._device)
             return x[:, None, :], torch.ones(x.shape[0], 1, dtype=torch.bool, device=self._device)
-        ids = batch["input_ids"].to(self._device)
-        with torch.no_grad():
-            tok = self.lmm.model.get_input_embeddings()(ids).float()
-        keep = batch["attention_mask"].to(self._device).bool() & (ids != self.lmm.image_token_id)
-        if "labels" in batch:
-            keep &= batch["labels"].to(self._device) == IGNORE
+        tok, keep = instruction_tokens(self.lmm, batch, self._device)
         keep[:, 0] |= ~keep.any(dim=1)  # never an empty key set
         return tok, keep
 

@@ -30,6 +30,18 @@ def base_embeds(lmm: Any, batch: dict[str, Any]) -> torch.Tensor:
         return lmm.embed(batch["input_ids"], batch["pixel_values"])
 
 
+def instruction_tokens(lmm: Any, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, d_llm) float32 token embeddings of the frozen LLM (no autograd) and the (B, L) bool
+    mask of the instruction's positions: attended, not image placeholders, not answer targets."""
+    ids = batch["input_ids"].to(device)
+    with torch.no_grad():
+        tok = lmm.model.get_input_embeddings()(ids).float()
+    keep = batch["attention_mask"].to(device).bool() & (ids != lmm.image_token_id)
+    if "labels" in batch:
+        keep &= batch["labels"].to(device) == -100  # -100: not a target (the LMM's IGNORE)
+    return tok, keep
+
+
 def base_lm_loss(lmm: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     """Plain LM cross-entropy of the (possibly adapter-injected) LMM on the unprefixed input."""
     loss = lmm.lm_loss(base_embeds(lmm, batch), batch["attention_mask"], batch["labels"])

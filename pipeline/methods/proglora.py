@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.methods.base import MethodBase
-from pipeline.methods.helpers import WrappedLinear, gathered, wrap_linears
+from pipeline.methods.helpers import WrappedLinear, gathered, instruction_tokens, wrap_linears
 from pipeline.methods.lora import LLM_LINEAR_TARGETS
 from pipeline.methods.protocol import Diagnostics, Generation, ReplayChannel
 from pipeline.methods.registry import parse_options, register
@@ -299,12 +299,7 @@ class ProgLoRA(MethodBase):
     def query_features(self, batch: dict[str, Any]) -> torch.Tensor:
         """(B, d_llm): the max over the instruction tokens of the LLM's token embeddings (no image
         tokens, no padding, no answer tokens), the input of Eq. 5."""
-        ids = batch["input_ids"].to(self._device)
-        with torch.no_grad():
-            tok = self.lmm.model.get_input_embeddings()(ids).float()
-        keep = batch["attention_mask"].to(self._device).bool() & (ids != self.lmm.image_token_id)
-        if "labels" in batch:
-            keep &= batch["labels"].to(self._device) == IGNORE
+        tok, keep = instruction_tokens(self.lmm, batch, self._device)
         tok = tok.masked_fill(~keep.unsqueeze(-1), float("-inf"))
         return tok.max(dim=1).values
 
