@@ -1,4 +1,5 @@
-"""Fault injection for the reliability drills (``tests/test_fault_drills.py``).
+"""Fault injection for the reliability drills (``tests/test_pipeline_e2e.py``, the driver killed
+at five points).
 
 ``COIN_FAILPOINT=name:n`` in the driver's environment kills the driver with SIGKILL the n-th time
 (default 1) it reaches ``failpoint("name")``: as an OOM kill, a lost node or ``kill -9`` would,

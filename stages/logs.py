@@ -77,7 +77,7 @@ class LogCapture:
             if data.get("pid") == "raylet" and lines and all(QUIET_RAYLET in str(x) for x in lines):
                 for x in lines:
                     for s in list(_sinks):
-                        s.write(f"(raylet) {x}")
+                        s.write(redact(f"(raylet) {x}"))
                 return
             original(data, ignore_prefix)
 
@@ -94,7 +94,7 @@ class LogCapture:
 
     def write(self, line: str) -> None:
         try:
-            self.fh.write(redact(line) + "\n")
+            self.fh.write(line + "\n")
         except ValueError:  # closed
             pass
 

@@ -53,7 +53,7 @@ def tracking_uri_for(run_root: Path, configured: str | None) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         os.environ["MLFLOW_TRACKING_URI"] = env = strip_tracking_credentials(env)
-    return env or strip_tracking_credentials(configured) or f"sqlite:///{run_root / 'mlflow.db'}"
+    return env or configured or f"sqlite:///{run_root / 'mlflow.db'}"  # a loaded config's URI is clean
 
 
 def _serialised(method):

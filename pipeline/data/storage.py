@@ -32,20 +32,12 @@ _REMOTE_SCHEMES = ("s3://", "s3a://")
 class StorageError(RuntimeError):
     """The store failed to serve ``url`` after its bounded retries (not a problem of the data)."""
 
-    def __init__(self, url: str, cause: BaseException) -> None:
-        super().__init__(f"{url}: could not be read from storage after its retries "
-                         f"({type(cause).__name__}: {cause})")
-        self.url = url
+    def __init__(self, url: str, detail: str) -> None:
+        super().__init__(f"{url}: could not be read from storage after its retries ({detail})")
+        self.url, self.detail = url, detail
 
     def __reduce__(self):  # across Ray's pickling
-        return (_storage_error, (str(self), self.url))
-
-
-def _storage_error(message: str, url: str) -> StorageError:
-    err = StorageError.__new__(StorageError)
-    RuntimeError.__init__(err, message)
-    err.url = url
-    return err
+        return (StorageError, (self.url, self.detail))
 
 
 def is_remote(root: str) -> bool:
@@ -143,7 +135,7 @@ def _store_errors(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[None]:
     except Exception as e:
         if not is_remote(display(fs, path)):
             raise
-        raise StorageError(display(fs, path), e) from e
+        raise StorageError(display(fs, path), f"{type(e).__name__}: {e}") from e
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
