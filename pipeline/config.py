@@ -222,6 +222,17 @@ class ResourcesConfig:
     # Used only where the workers can hold their resources beside an evaluation (as for
     # overlap_evaluate) and never in a Ray Tune trial; otherwise one fit per stage.
     resident_train: bool = True
+    # The evaluate stages' inference actors load the base models once and stay for the whole run
+    # (each stage loads only the new method state); used where they fit beside the Train workers
+    # (as for overlap_evaluate), otherwise they are started and closed by every evaluate stage.
+    resident_eval: bool = True
+    # Per-sample cache of the frozen encoders' outputs (vision tower features before the
+    # projector, guide image and text embeddings) in each inference actor, in MB (0: off). Bit-
+    # identical answers; an earlier task's test set costs only the language model at later stages.
+    feature_cache_mb: int = 1024
+    # Inference actor deaths an evaluate stage survives (Ray restarts the actor; the stage
+    # predicts again).
+    eval_max_failures: int = 2
 
 
 @dataclass

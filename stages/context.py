@@ -30,6 +30,9 @@ class RunContext:
     resident_ok: bool = False
     resident: Any = None
     resident_data: dict[str, Any] = field(default_factory=dict)
+    # the evaluate stages' inference actors stay for the whole run (stages/inference.py)
+    inference_resident: bool = False
+    inference: Any = None
     test_rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     on_evaluated: Callable[[int, dict[str, float]], None] | None = None
     results: Any = None  # stages.results.RunResults
@@ -46,6 +49,22 @@ class RunContext:
         from pipeline.models.build import image_pad_color
 
         return image_pad_color(self.cfg.model, self.base.lmm_dir if self.base else None)
+
+    def inference_pool(self) -> Any:
+        """The run's resident inference actors (started on first use), or None where each
+        evaluate stage starts and closes its own."""
+        if not self.inference_resident:
+            return None
+        if self.inference is None:
+            from stages.inference import InferencePool
+
+            self.inference = InferencePool(self.cfg, self.base, resident=True, log=self.log)
+        return self.inference
+
+    def close_inference(self) -> None:
+        if self.inference is not None:
+            self.inference.close()
+            self.inference = None
 
     def log_numbers(self, run_id: str, result: dict[str, Any]) -> None:
         self.tracker.log_metrics(run_id, {k: v for k, v in result.items()

@@ -1,9 +1,10 @@
-"""evaluate(t): Ray Data batch inference over the test sets of tasks 1..t, answer files in the
-LLaVA format, scores into row t of the accuracy matrix.
+"""evaluate(t): batch inference over the test sets of tasks 1..t, answer files in the LLaVA
+format, scores into row t of the accuracy matrix.
 
-One ``map_batches`` over the union of the test sets with a model-holding callable class
-(``Predictor``; batch size, actor count and resources from the config). The number of
-predictions must equal the number of test records per task, or the stage fails.
+The union of the test sets streams through Ray Data into the run's inference actors
+(``stages.inference``: base models loaded once per run where they fit, the method state loaded
+per stage, the frozen encoders' outputs cached per sample). The number of predictions must equal
+the number of test records per task, or the stage fails.
 """
 
 from __future__ import annotations
@@ -13,58 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 
-from pipeline.config import config_from_dict
 from pipeline.failpoints import failpoint
 from pipeline.scoring.scorers import score_task
 from stages.artifacts import PREDICTIONS_DIR, SCORES_FILE
-from stages.common import BaseModels, build_method_for, load_models, load_state
+from stages.common import BaseModels
 from stages.datasets import read_dataset
-
-
-class Predictor:
-    """Ray Data callable class: holds the frozen LMM, guide and method state on one actor."""
-
-    def __init__(self, cfg: dict[str, Any], base: dict[str, Any], state: str | None, threads: int = 0):
-        import torch
-
-        self.cfg = config_from_dict(cfg)
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() and self.cfg.eval.gpus_per_actor > 0 else "cpu"
-        self.lmm, guide = load_models(self.cfg, BaseModels(**base), device=self.device)
-        self.method = build_method_for(self.cfg, self.lmm, guide)
-        if state:
-            self.method.load_state_tensors(load_state(state))
-        self.method.eval()
-        self.max_new = self.cfg.eval.max_new_tokens or self.cfg.model.max_new_tokens
-
-    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, Any]:
-        import torch
-
-        t0 = time.time()
-        batch = self.lmm.collate(rows, train=False)
-        if not getattr(self.method, "task_id_at_test", False):  # only oracle variants see it
-            batch.pop("tasks", None)  # no task identity at test time
-        batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        with torch.no_grad():
-            gen = self.method.generate(batch, self.max_new)
-        n = len(gen.texts)
-        per_row_s = (time.time() - t0) / max(1, n)
-        selected = gen.selected if gen.selected is not None else [[] for _ in range(n)]
-        scores = gen.scores.detach().cpu().float().numpy() if gen.scores is not None else None
-        return {
-            "task": np.asarray(rows["task"]),
-            "id": np.asarray(rows["id"]),
-            "prediction": np.asarray(gen.texts, dtype=object),
-            "selected": np.asarray([json.dumps([int(s) for s in sel]) for sel in selected], dtype=object),
-            "scores": np.asarray([json.dumps([round(float(x), 6) for x in r]) for r in scores], dtype=object)
-            if scores is not None
-            else np.asarray(["[]"] * n, dtype=object),
-            "infer_s": np.full(n, per_row_s, dtype=np.float64),
-        }
+from stages.inference import InferencePool, as_prediction_record
 
 
 def run_evaluate_stage(
@@ -76,29 +33,26 @@ def run_evaluate_stage(
     test_rows: dict[str, list[dict[str, Any]]],
     base: BaseModels,
     state: Path | None,
+    pool: InferencePool | None = None,
 ) -> dict[str, Any]:
     """Predict and score every task in ``tasks``; write ``predictions/<task>.jsonl`` and
-    ``scores.json`` into ``stage_dir``; return {"scores": {task: percent}, ...}."""
+    ``scores.json`` into ``stage_dir``; return {"scores": {task: percent}, ...}. ``pool``: the
+    run's inference actors (None: a pool for this stage only, closed at its end)."""
     union = datasets[tasks[0]]
     if len(tasks) > 1:
         union = union.union(*[datasets[t] for t in tasks[1:]])
-    resources: dict[str, Any] = {"num_cpus": cfg.eval.cpus_per_actor}
-    if cfg.eval.gpus_per_actor:
-        resources["num_gpus"] = cfg.eval.gpus_per_actor
+    own = pool is None
+    if own:
+        pool = InferencePool(cfg, base, resident=False)
     t0 = time.time()
-    predicted = union.map_batches(
-        Predictor,
-        fn_constructor_kwargs={
-            "cfg": cfg.to_dict(), "base": base.to_dict(), "state": str(state) if state else None,
-            # as many torch threads as reserved CPUs: the actor may run beside a Train worker
-            "threads": max(1, int(cfg.eval.cpus_per_actor)),
-        },
-        batch_size=cfg.eval.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.eval.concurrency),  # `concurrency=` is deprecated
-        **resources,
-    )
-    rows = predicted.take_all()
+    try:
+        out = pool.predict(union, str(state) if state else None)
+    finally:
+        if own:
+            pool.close()
+    rows, timing = out["rows"], out["timing"]
     infer_s = time.time() - t0
+    t_score = time.time()
 
     by_task: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}
     for r in rows:
@@ -117,19 +71,31 @@ def run_evaluate_stage(
         got.sort(key=lambda r: str(r["id"]))
         with open(pred_dir / f"{task}.jsonl", "w") as fh:
             for r in got:
-                fh.write(json.dumps({
-                    "question_id": r["id"], "text": r["prediction"],
-                    "selected": json.loads(r["selected"]), "scores": json.loads(r["scores"]),
-                }) + "\n")
+                fh.write(as_prediction_record(r) + "\n")
         failpoint("eval-predictions")
         result = score_task(task, test_rows[task], {str(r["id"]): r["prediction"] for r in got},
                             scorer=cfg.scorer_of(task))
         scores[task] = result.score
         details[task] = {"score": result.score, "count": result.count, "unparseable": result.unparseable}
+    actors = timing["actors"]
     out = {"scores": scores, "details": details, "inference_s": infer_s, "predictions": len(rows),
-           "infer_loop_s": float(sum(r["infer_s"] for r in rows))}
+           "infer_loop_s": float(sum(r["infer_s"] for r in rows)),
+           "actor_start_s": timing["actor_start_s"],
+           "state_load_s": max(a["state_load_s"] for a in actors),
+           "features": _features(actors),
+           # the actors' time waiting for rows (the Ray Data stream) rather than predicting
+           "actor_wait_s": max(a["wall_s"] - a["infer_s"] - a["state_load_s"] for a in actors),
+           "scoring_s": time.time() - t_score}
     (stage_dir / SCORES_FILE).write_text(json.dumps(out, indent=2, sort_keys=True))
     return out
+
+
+def _features(actors: list[dict[str, Any]]) -> dict[str, int] | None:
+    """The frozen-feature cache's counts over the stage's actors (None: no cache)."""
+    seen = [a["features"] for a in actors if "features" in a]
+    if not seen:
+        return None
+    return {k: sum(f[k] for f in seen) for k in seen[0]}
 
 
 def test_data(ctx, task: str):
@@ -147,15 +113,20 @@ def test_data(ctx, task: str):
 def run(ctx, stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
     from pipeline.methods.registry import method_class
 
+    t0 = time.time()
     datasets = {task: test_data(ctx, task) for task in stage.tasks}
     state = ctx.state_of(ctx.schedule.eval_state(stage, ctx.stages))
+    t_read = time.time()
     out = run_evaluate_stage(ctx.cfg, stage_dir=stage_dir, tasks=stage.tasks, datasets=datasets,
-                             test_rows=ctx.test_rows, base=ctx.base, state=state)
+                             test_rows=ctx.test_rows, base=ctx.base, state=state, pool=ctx.inference_pool())
     ctx.tracker.log_artifact(run_id, stage_dir / PREDICTIONS_DIR, "predictions")
     ctx.tracker.log_artifact(run_id, stage_dir / SCORES_FILE)
     ctx.tracker.log_metrics(run_id, {f"acc/{t}": s for t, s in out["scores"].items()})
-    result = {"scores": out["scores"], "inference_s": out["inference_s"], "predictions": out["predictions"],
-              "infer_loop_s": out.get("infer_loop_s")}
+    t_predict = time.time()
+    result = {k: out[k] for k in ("scores", "inference_s", "predictions", "infer_loop_s", "actor_start_s",
+                                  "state_load_s", "features", "actor_wait_s", "scoring_s")}
+    if out["features"]:
+        ctx.log_numbers(run_id, {f"features/{k}": v for k, v in out["features"].items()})
     # the method's own view of this evaluation (ModalPrompt: which prompt sets were selected)
     records = {t: [json.loads(x) for x in (stage_dir / PREDICTIONS_DIR / f"{t}.jsonl").read_text().splitlines()]
                for t in stage.tasks}
@@ -167,6 +138,8 @@ def run(ctx, stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
         ctx.log_numbers(run_id, diag.summary)
         result["diagnostics"] = {"summary": diag.summary, "files": [str(Path(f).name) for f in diag.files],
                                  "lines": diag.lines}
+    # where the stage's time went besides the inference loop (docs/performance.md)
+    result["read_s"], result["tracking_s"] = t_read - t0, time.time() - t_predict
     return result
 
 

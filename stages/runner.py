@@ -151,6 +151,18 @@ def resident_plan(cfg: ExperimentConfig, cluster: dict[str, float], schedule: st
     return ok, (f"one Ray Train worker group trains every task ({why})" if ok else why)
 
 
+def inference_plan(cfg: ExperimentConfig, cluster: dict[str, float], *, trial: bool) -> tuple[bool, str]:
+    """Whether the evaluate stages' inference actors stay for the whole run, and why. They keep
+    their resources while train stages run, so the same room as for the overlap is needed; a Ray
+    Tune trial starts them per stage (trials share the cluster)."""
+    if not cfg.resources.resident_eval:
+        return False, "resources.resident_eval is off"
+    if trial:
+        return False, "a sweep trial starts them per evaluate stage"
+    ok, why = _fits_beside(cfg, cluster)
+    return ok, (f"the base models load once per run ({why})" if ok else why)
+
+
 class PipelineRun:
     def __init__(
         self,
@@ -210,11 +222,15 @@ class PipelineRun:
         ctx.resident_ok, why = resident_plan(cfg, ray.cluster_resources(), self.schedule,
                                              trial=self.on_evaluated is not None)
         self.log(("resident train workers: " if ctx.resident_ok else "a fit per train stage: ") + why)
+        ctx.inference_resident, why = inference_plan(cfg, ray.cluster_resources(), trial=self.on_evaluated is not None)
+        self.log(("resident inference actors: " if ctx.inference_resident else "inference actors per evaluate stage: ")
+                 + why)
         ok, outcome = False, "failed"
         try:
             markers = dagmod.DagExecutor(self.stages, self._run_stage, rundir=rundir, tracker=tracker,
                                          on_done=self._on_done, log=self.log,
                                          background={"evaluate"} if overlap else ()).run()
+            ctx.close_inference()  # before the isolation sub-runs, which start their own
             isolation = self._isolation_row(tracker, parent) if cfg.eval.isolation else None
             results = ctx.results.finish(markers, t_start, isolation)
             ok, outcome = True, "finished"
@@ -230,6 +246,7 @@ class PipelineRun:
             except OSError as exc:  # e.g. a full disk: the run's own outcome matters more
                 self.log(f"could not record this command's wall time in {rundir.root}: {exc}")
             try:
+                ctx.close_inference()
                 if ctx.resident is not None:  # a failed run does not wait long for a job in progress
                     ctx.resident.close(timeout=120.0 if ok else 10.0)
                     ctx.resident = None

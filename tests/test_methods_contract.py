@@ -232,3 +232,71 @@ def test_restoring_a_partly_trained_task_then_begin_task_resumes_it(name: str) -
     assert all(torch.equal(got[k], checkpoint[k]) for k in checkpoint)
     assert not set(fresh.task_keys(0)) & {names[id(p)] for p in params}  # task 0 stays frozen
     _train(fresh, batch_for(fresh_lmm, "task_b"), 2, 1)  # and training goes on
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_later_state_loaded_over_an_earlier_one_answers_as_a_fresh_method(name: str) -> None:
+    """What the run's resident inference actor does (``stages.inference``): one method, built once,
+    loads the state of task 1, answers, then loads the state of task 2; its answers must be those
+    of a method built fresh with only the state of task 2."""
+    method, lmm = _after_first_task(name)
+    first = method.state_tensors()
+    method.begin_task(1, "task_b")
+    _train(method, batch_for(lmm, "task_b"), 3, 1)
+    _end(method, 1, batch_for(lmm, "task_b"))
+    second = method.state_tensors()
+
+    resident_lmm, resident_guide = tiny_models(0, fresh_guide=True)
+    torch.manual_seed(999)
+    resident = build_method(name, {}, resident_lmm, resident_guide).eval()
+    resident.load_state_tensors(first)
+    with torch.no_grad():
+        resident.generate(batch_for(resident_lmm, "task_a", train=False), MAX_NEW)
+    resident.load_state_tensors(second)
+
+    fresh_lmm, fresh_guide = tiny_models(0, fresh_guide=True)
+    torch.manual_seed(998)
+    fresh = build_method(name, {}, fresh_lmm, fresh_guide).eval()
+    fresh.load_state_tensors(second)
+    for task in ("task_a", "task_b"):
+        with torch.no_grad():
+            got = resident.generate(batch_for(resident_lmm, task, train=False), MAX_NEW)
+            want = fresh.generate(batch_for(fresh_lmm, task, train=False), MAX_NEW)
+        assert got.texts == want.texts and got.selected == want.selected, (name, task)
+        if want.scores is not None:
+            assert torch.equal(got.scores, want.scores), (name, task)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_cached_frozen_encoder_outputs_change_no_answer(name: str) -> None:
+    """The inference actor's per-sample cache of the vision tower's and the guide's outputs
+    (``pipeline.models.frozen``): the first pass computes and stores them, the second is served
+    from the cache, and both answer exactly as without a cache."""
+    from pipeline.models.frozen import FeatureCache
+
+    method, lmm, guide = _build(name)
+    assert method.frozen_encoders  # every shipped method keeps the towers as loaded
+    if method.schedule != "none":
+        for t, task in enumerate(_schedule_tasks(method)):
+            method.begin_task(t, task)
+            _train(method, batch_for(lmm, task), 3, t)
+            _end(method, t, batch_for(lmm, task))
+    method.eval()
+    batch = batch_for(lmm, "task_a", train=False)
+    keys = [f"task_a/{i}" for i in batch["ids"]]
+    with torch.no_grad():
+        want = method.generate(batch, MAX_NEW)
+    cache = FeatureCache(1 << 30)
+    outs = []
+    for _ in range(2):
+        with torch.no_grad(), lmm.frozen.bind(cache, {"vision": batch["pixel_values"]}, keys), \
+                guide.frozen.bind(cache, {k: batch[k] for k in ("guide_pixels", "guide_text")}, keys):
+            outs.append(method.generate(batch, MAX_NEW))
+        if len(outs) == 1:
+            stored = cache.stats()
+            assert stored["rows_computed"] >= len(keys) and stored["rows_served"] == 0, stored
+    assert cache.stats()["rows_served"] == stored["rows_computed"], cache.stats()  # all served the 2nd time
+    for got in outs:
+        assert got.texts == want.texts and got.selected == want.selected, name
+        if want.scores is not None:
+            assert torch.equal(got.scores, want.scores), name

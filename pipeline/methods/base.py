@@ -25,6 +25,7 @@ class MethodBase(nn.Module):
 
     name: ClassVar[str] = ""
     task_id_at_test: ClassVar[bool] = False
+    frozen_encoders: ClassVar[bool] = True  # see protocol: the vision tower and guide stay as loaded
     schedule: ClassVar[str] = SEQUENTIAL
     options_class: ClassVar[type | None] = None
     sweep_space: ClassVar[dict[str, Any]] = {}

@@ -28,6 +28,10 @@ Class attributes (``pipeline.methods.base.MethodBase`` supplies the defaults):
     replay_per_task  stored training samples per earlier task the method asks for (0: none);
                    they reach it through ``attach_replay(channel)`` (``ReplayChannel``); a
                    method whose count is an option overrides the classmethod ``stored_samples``
+    frozen_encoders  True (the default): the method changes neither the LMM's vision tower nor the
+                   guide, so the evaluate stage may serve their outputs for a test sample from its
+                   per-sample cache (``pipeline.models.frozen``); a method that adapts either sets
+                   it False. The projector is not part of it (methods may train it).
 
 Optional hooks, for methods that need them (``adjust_gradients`` / ``finish_task`` below are the
 one place that decides how they are called):

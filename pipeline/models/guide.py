@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models.config import ModelConfig
+from pipeline.models.frozen import FrozenFeatures
 
 # OpenAI CLIP normalisation (open_clip's default PreprocessCfg and the llava-hf image processor's).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -152,6 +153,7 @@ class Guide:
         self.mean = inputs.mean
         self.std = inputs.std
         self.context_length = inputs.context_length
+        self.frozen = FrozenFeatures()  # the inference actor's per-sample feature cache hooks in here
 
     def _check_pooled(self) -> None:
         """The pooled text feature must live in a space of the image embedding's size, or one
@@ -185,13 +187,16 @@ class Guide:
     @torch.no_grad()
     def encode_image(self, guide_pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, Sg, Sg) -> (B, d_guide) float32 projected image embeddings (not L2-normalised)."""
-        return self.model.encode_image(guide_pixels.to(self.device, self.dtype)).float()
+        return self.frozen.get(guide_pixels, lambda: self.model.encode_image(
+            guide_pixels.to(self.device, self.dtype)).float())
 
     @torch.no_grad()
     def encode_text(self, guide_text: torch.Tensor) -> torch.Tensor:
         """(B, Lc) token ids -> (B, d_guide) float32 text features (EOT-pooled): the pooled state
         without the text projection ("pooled") or open_clip's projected embedding ("projected")."""
-        text = guide_text.to(self.device)
+        return self.frozen.get(guide_text, lambda: self._encode_text(guide_text.to(self.device)))
+
+    def _encode_text(self, text: torch.Tensor) -> torch.Tensor:
         if self.text_feature == "projected":
             return self.model.encode_text(text).float()
         return pooled_text_features(self.model, text).float()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.models.config import ModelConfig
+from pipeline.models.frozen import FrozenFeatures
 from pipeline.models.guide import CLIP_MEAN, CLIP_STD, GuideInputs, normalize_images
 
 IGNORE = -100
@@ -106,6 +107,7 @@ class LMM:
         self.image_token_id = int(config.image_token_id)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.stats: Counter[str] = Counter()
+        self.frozen = FrozenFeatures()  # the inference actor's per-sample feature cache hooks in here
         if tokenizer is not None:
             token_id = tokenizer.convert_tokens_to_ids("<image>")
             if token_id != self.image_token_id:
@@ -230,17 +232,20 @@ class LMM:
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, L) ids + (B, 3, S, S) pixels -> (B, L, d_llm) input embeddings, image features
-        scattered into the placeholder positions exactly as ``LlavaModel.forward`` does."""
-        input_ids = input_ids.to(self.device)
-        vision_dtype = next(self.model.model.vision_tower.parameters()).dtype
-        out = self.model.get_image_features(pixel_values=pixel_values.to(self.device, vision_dtype))
-        return self.embed_image_features(input_ids, torch.stack(list(out.pooler_output)))
+        scattered into the placeholder positions exactly as ``LlavaModel.forward`` does
+        (``LlavaModel.get_image_features`` = the projector over ``vision_features``)."""
+        image = self.model.model.multi_modal_projector(self.vision_features(pixel_values))
+        return self.embed_image_features(input_ids, image)
 
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) pixels -> (B, N, d_vision): the frozen vision tower's features that the
         multimodal projector takes (the configured ``vision_feature_layer``, CLS dropped under the
         "default" strategy), as ``LlavaModel.get_image_features`` selects them before projecting.
-        ``embed_image_features(ids, projector(vision_features(px)))`` equals ``embed(ids, px)``."""
+        ``embed_image_features(ids, projector(vision_features(px)))`` equals ``embed(ids, px)``.
+        A batch bound by the inference actor is served from its feature cache (``frozen``)."""
+        return self.frozen.get(pixel_values, lambda: self._vision_features(pixel_values))
+
+    def _vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         config = self.model.config
         tower = self.model.model.vision_tower
         vision_dtype = next(tower.parameters()).dtype
