@@ -17,6 +17,20 @@ from typing import Any, Callable, Iterable
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def quiet() -> None:
+    """The libraries' progress bars and notices off: the benchmark's lines are what matter."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
 
 
 def load(config: str | None, overrides: Iterable[str], method: str | None = None):
@@ -63,6 +77,7 @@ def rows(cfg, task: str, split: str, n: int) -> list[dict[str, Any]]:
 def models(cfg, device: str = "cpu"):
     from stages.common import load_models
 
+    quiet()
     return load_models(cfg, base_models(cfg), device=device)
 
 

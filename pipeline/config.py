@@ -233,6 +233,10 @@ class ResourcesConfig:
     # Inference actor deaths an evaluate stage survives (Ray restarts the actor; the stage
     # predicts again).
     eval_max_failures: int = 2
+    # Decoded datasets (test sets; 64 x 64 x 3 bytes an image on the default) are decoded once per
+    # run and kept in Ray's object store while they total at most this many MB; beyond it every
+    # use streams and decodes them again (CoIN at 336 x 336: about 0.34 MB an image).
+    materialize_mb: int = 128
 
 
 @dataclass

@@ -34,6 +34,8 @@ class RunContext:
     inference_resident: bool = False
     inference: Any = None
     test_rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    test_sets: dict[str, Any] = field(default_factory=dict)  # task -> its test Dataset, read once per run
+    decoded_bytes: int = 0  # decoded images kept in Ray's object store (keep_decoded)
     on_evaluated: Callable[[int, dict[str, float]], None] | None = None
     results: Any = None  # stages.results.RunResults
 
@@ -60,6 +62,17 @@ class RunContext:
 
             self.inference = InferencePool(self.cfg, self.base, resident=True, log=self.log)
         return self.inference
+
+    def keep_decoded(self, ds: Any, rows: int) -> Any:
+        """``ds`` decoded once and kept in Ray's object store (``materialize``) while the run's
+        decoded data stay within ``resources.materialize_mb``; otherwise ``ds`` as it is (each
+        use streams and decodes it again)."""
+        size = self.cfg.model.image_size
+        need = rows * size * size * 3
+        if self.decoded_bytes + need > (self.cfg.resources.materialize_mb << 20):
+            return ds
+        self.decoded_bytes += need
+        return ds.materialize()
 
     def close_inference(self) -> None:
         if self.inference is not None:

@@ -85,7 +85,8 @@ def run_evaluate_stage(
            "features": _features(actors),
            # the actors' time waiting for rows (the Ray Data stream) rather than predicting
            "actor_wait_s": max(a["wall_s"] - a["infer_s"] - a["state_load_s"] for a in actors),
-           "scoring_s": time.time() - t_score}
+           "scoring_s": time.time() - t_score,
+           "peak_mem_gb": max(a["peak_mem_gb"] for a in actors)}
     (stage_dir / SCORES_FILE).write_text(json.dumps(out, indent=2, sort_keys=True))
     return out
 
@@ -99,7 +100,10 @@ def _features(actors: list[dict[str, Any]]) -> dict[str, int] | None:
 
 
 def test_data(ctx, task: str):
-    """One task's test split as a Ray Dataset (its rows kept in ``ctx.test_rows`` for scoring)."""
+    """One task's test split as a Ray Dataset (its rows kept in ``ctx.test_rows`` for scoring),
+    read once per run; decoded once too where it fits ``resources.materialize_mb``."""
+    if task in ctx.test_sets:
+        return ctx.test_sets[task]
     cfg = ctx.cfg
     ds, res = read_dataset(ctx.source, task, "test", image_size=cfg.model.image_size,
                            decode_num_cpus=cfg.resources.decode_cpus, pad_color=ctx.pad_color())
@@ -107,7 +111,8 @@ def test_data(ctx, task: str):
     if cfg.data.max_test_per_task:
         ds, rows = ds.limit(cfg.data.max_test_per_task), rows[: cfg.data.max_test_per_task]
     ctx.test_rows[task] = rows
-    return ds
+    ctx.test_sets[task] = ctx.keep_decoded(ds, len(rows))
+    return ctx.test_sets[task]
 
 
 def run(ctx, stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
@@ -124,7 +129,7 @@ def run(ctx, stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
     ctx.tracker.log_metrics(run_id, {f"acc/{t}": s for t, s in out["scores"].items()})
     t_predict = time.time()
     result = {k: out[k] for k in ("scores", "inference_s", "predictions", "infer_loop_s", "actor_start_s",
-                                  "state_load_s", "features", "actor_wait_s", "scoring_s")}
+                                  "state_load_s", "features", "actor_wait_s", "scoring_s", "peak_mem_gb")}
     if out["features"]:
         ctx.log_numbers(run_id, {f"features/{k}": v for k, v in out["features"].items()})
     # the method's own view of this evaluation (ModalPrompt: which prompt sets were selected)

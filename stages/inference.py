@@ -79,8 +79,10 @@ class InferenceActor:
             infer_s += time.time() - t1
             batches += 1
         self.stages += 1
+        from stages.train_worker import peak_memory_gb
+
         timing = {"state_load_s": load_s, "infer_s": infer_s, "batches": batches, "wall_s": time.time() - t0,
-                  "stages_served": self.stages}
+                  "stages_served": self.stages, "peak_mem_gb": peak_memory_gb(self.device)}
         if self.cache is not None:
             after = self.cache.stats()
             timing["features"] = {k: after[k] - before[k] if k != "cache_bytes" else after[k] for k in after}

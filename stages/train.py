@@ -138,6 +138,7 @@ def collect_final(checkpoint_dir: Path, job: TrainJob, fit_s: float) -> dict[str
         "steps": progress["step"], "final_loss": progress["loss"], "train_loop_s": progress.get("train_loop_s"),
         "samples_per_s": progress.get("samples_per_s"), "fit_s": fit_s, "train_records": job.num_rows,
         "resumed_from_step": progress.get("resumed_from_step", 0),
+        **({"peak_mem_gb": progress["peak_mem_gb"]} if "peak_mem_gb" in progress else {}),
     }
 
 

@@ -149,6 +149,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_job(config["job"], t_enter=time.time(), dataset_name="train")
 
 
+def peak_memory_gb(device: str) -> float:
+    """Peak memory of this process so far: allocated GPU memory on CUDA, else the resident set
+    size (Linux reports ``ru_maxrss`` in KB)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
 def run_job(job: WorkerJob, *, t_enter: float, dataset_name: str, final_dir: str | None = None) -> None:
     from stages.train import lr_schedule
 
@@ -229,7 +239,7 @@ def run_job(job: WorkerJob, *, t_enter: float, dataset_name: str, final_dir: str
         method,
         {"step": result.steps, "loss": result.loss, "train_loop_s": result.loop_s, "samples": result.samples,
          "samples_per_s": result.samples_per_s, "setup": setup, "resumed_from_step": start_step,
-         "consolidate_s": result.consolidate_s},
+         "consolidate_s": result.consolidate_s, "peak_mem_gb": peak_memory_gb(device)},
         job.tasks_done, final=True, job=job.id, dir_name=final_dir,
     )
     engine.destroy()  # a resident worker initialises DeepSpeed again for its next job

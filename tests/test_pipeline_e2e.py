@@ -293,8 +293,8 @@ def _drill_points(out: Path, rng) -> list:
 
 
 def _kill_first_inference_worker(proc: subprocess.Popen, timeout: float = 600) -> list[int]:
-    """SIGKILL the first Ray Data inference actor (``Predictor``) of ``proc``'s own Ray (its
-    raylet's workers descend from the driver) seen while ``proc`` runs."""
+    """SIGKILL the first inference actor (``stages.inference.InferenceActor``) of ``proc``'s own
+    Ray (its raylet's workers descend from the driver) seen predicting while ``proc`` runs."""
     import psutil
 
     deadline = time.time() + timeout
@@ -308,7 +308,7 @@ def _kill_first_inference_worker(proc: subprocess.Popen, timeout: float = 600) -
                 line = " ".join(p.cmdline())
             except psutil.Error:
                 continue
-            if "ray::MapWorker" in line and "Predictor" in line:
+            if "ray::InferenceActor.predict" in line:
                 p.kill()
                 return [p.pid]
         time.sleep(0.1)
@@ -338,7 +338,7 @@ def test_driver_killed_at_five_seeded_points_resumes_to_the_uninterrupted_result
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if points[-1].startswith("results-written"):
             # this invocation re-runs the evaluation the previous one was killed in: kill its
-            # inference worker (a Ray Data actor) mid-stage too
+            # inference actor mid-stage too (Ray restarts it; the stage predicts again)
             workers_killed += _kill_first_inference_worker(proc)
         stdout, stderr = proc.communicate(timeout=900)
         assert proc.returncode == -signal.SIGKILL, (points, proc.returncode, stdout[-2000:], stderr[-2000:])

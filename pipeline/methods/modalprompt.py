@@ -160,6 +160,7 @@ class ModalPrompt(MethodBase):
         self.d_guide = int(guide.dim)
         self.tasks = nn.ModuleList()  # tasks[t]: TaskPrompt of task t
         self.current: int | None = None  # task being trained (None between tasks)
+        self._bank_version = 0  # bumped whenever the prompts or projections may change
 
     # ------------------------------------------------------------------ task lifecycle
     @property
@@ -198,10 +199,12 @@ class ModalPrompt(MethodBase):
         for t in range(self.num_tasks):  # older tasks stay frozen whatever happened before
             self._set_trainable(t, t == task_index)
         self.current = task_index
+        self._bank_version += 1
 
     def end_task(self, task_index: int) -> None:
         self._set_trainable(task_index, False)
         self.current = None
+        self._bank_version += 1
 
     def _set_trainable(self, t: int, flag: bool) -> None:
         self.tasks[t].requires_grad_(flag)
@@ -223,6 +226,7 @@ class ModalPrompt(MethodBase):
         for t in range(self.num_tasks):
             self._set_trainable(t, False)
         self.current = None
+        self._bank_version += 1
 
     def task_keys(self, task_index: int) -> list[str]:
         return sorted(k for k in self.state_dict() if k.startswith(f"tasks.{task_index}."))
@@ -319,10 +323,21 @@ class ModalPrompt(MethodBase):
         if self.num_tasks == 0:
             raise RuntimeError("modalprompt: no task learned yet, nothing to select")
         x_v, x_i = self._guidance(batch)
-        bank, protos = self._bank()
+        bank, protos = self._frozen_bank()
         scores = self._scores(x_v, x_i, protos)
         idx, _, weights = select_sets(scores, self.opts.k, self.opts.temperature)
         return bank, idx, weights, scores
+
+    def _frozen_bank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_bank()`` at inference, computed once per learned state (every Proj_p^t over its
+        prompts is the same for every batch; recomputing it made a batch's cost grow with T)."""
+        if self.current is not None or self.training:
+            return self._bank()
+        key = (self.num_tasks, self._bank_version)
+        if getattr(self, "_bank_cache", (None,))[0] != key:
+            with torch.no_grad():
+                object.__setattr__(self, "_bank_cache", (key, self._bank()))
+        return self._bank_cache[1]
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], max_new_tokens: int) -> Generation:

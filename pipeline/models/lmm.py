@@ -108,6 +108,7 @@ class LMM:
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.stats: Counter[str] = Counter()
         self.frozen = FrozenFeatures()  # the inference actor's per-sample feature cache hooks in here
+        self.min_new_tokens = 0  # benchmarks fix the answer length (> 0: no answer stops before it)
         if tokenizer is not None:
             token_id = tokenizer.convert_tokens_to_ids("<image>")
             if token_id != self.image_token_id:
@@ -324,6 +325,7 @@ class LMM:
             return [""] * embeds.shape[0]
         tok = self.tokenizer
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  min_new_tokens=min(self.min_new_tokens, max_new_tokens) or None,
                                   eos_token_id=tok.eos_token_id, pad_token_id=self.pad_id,
                                   bos_token_id=tok.bos_token_id)
         out = self.model.generate(inputs_embeds=embeds.to(self.dtype), attention_mask=attention_mask.to(self.device),

@@ -1,0 +1,45 @@
+"""The benchmarks (``benchmarks/``) run end to end and print what they promise; the GPU check runs
+its whole path on a CPU with small widths (``--smoke``), so it keeps working between the times a
+CUDA machine is at hand. Their numbers are not asserted (they are measurements), their invariants
+are: the two evaluation paths give the same answers, every run of the GPU check passes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import helpers
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _bench(*args: str, timeout: int = 900) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=helpers.pipeline_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_train_step_eval_throughput_and_select_scaling_print_their_ratios(tmp_path):
+    cache = f"cache_dir={tmp_path / 'cache'}"
+    out = _bench("benchmarks/train_step.py", "--methods", "modalprompt,lora", "--rounds", "1", "--steps", "1", cache)
+    assert re.search(r"^modalprompt\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M), out
+    assert "worst ratio" in out
+    out = _bench("benchmarks/eval_throughput.py", "--per-task", "4", "--rounds", "1", cache)
+    assert "ratio (stage, cache warm / batch-1)" in out
+    agree = float(re.search(r"answers equal between the two paths: ([\d.]+)%", out).group(1))
+    assert agree >= 90.0, out  # batched left-padded greedy decoding answers as one at a time does
+    out = _bench("benchmarks/select_scaling.py", "--methods", "modalprompt", "--samples", "16", "--rounds", "1", cache)
+    assert "ModalPrompt T=32 / T=2" in out and "T=8, all 8 sets concatenated (k=8)" in out
+
+
+def test_gpu_check_runs_its_whole_path_on_a_cpu(tmp_path):
+    out = _bench("benchmarks/gpu_check.py", "--smoke", "--out", str(tmp_path / "check"),
+                 "--runs", "modalprompt:zero2,lora:zero3")
+    assert "gpu check: passed" in out, out
+    assert re.search(r"^lora zero3\s+[\d.]+\s+[\d.]+", out, re.M), out
