@@ -30,6 +30,9 @@ class RunContext:
     resident_ok: bool = False
     resident: Any = None
     resident_data: dict[str, Any] = field(default_factory=dict)
+    # train stage id -> its training data being decoded ahead (a Future of the materialized
+    # Dataset), for the resident worker group (stages/train.py)
+    train_ahead: dict[str, Any] = field(default_factory=dict)
     # the evaluate stages' inference actors stay for the whole run (stages/inference.py)
     inference_resident: bool = False
     inference: Any = None
@@ -63,16 +66,20 @@ class RunContext:
             self.inference = InferencePool(self.cfg, self.base, resident=True, log=self.log)
         return self.inference
 
+    def reserve_decoded(self, rows: int) -> bool:
+        """Whether ``rows`` more decoded images fit ``resources.materialize_mb`` (counted if so)."""
+        size = self.cfg.model.image_size
+        need = rows * size * size * 3
+        if self.decoded_bytes + need > (self.cfg.resources.materialize_mb << 20):
+            return False
+        self.decoded_bytes += need
+        return True
+
     def keep_decoded(self, ds: Any, rows: int) -> Any:
         """``ds`` decoded once and kept in Ray's object store (``materialize``) while the run's
         decoded data stay within ``resources.materialize_mb``; otherwise ``ds`` as it is (each
         use streams and decodes it again)."""
-        size = self.cfg.model.image_size
-        need = rows * size * size * 3
-        if self.decoded_bytes + need > (self.cfg.resources.materialize_mb << 20):
-            return ds
-        self.decoded_bytes += need
-        return ds.materialize()
+        return ds.materialize() if self.reserve_decoded(rows) else ds
 
     def close_inference(self) -> None:
         if self.inference is not None:

@@ -136,13 +136,13 @@ class InferencePool:
                  log: Callable[[str], None] = print):
         self.cfg, self.base, self.resident, self.log = cfg, base, resident, log
         self.actors: list[Any] = []
-        self.started_s = 0.0
+        self.ready = False
 
-    def _start(self) -> float:
+    def warm(self) -> None:
+        """Start the actors without waiting for them (they load the models meanwhile)."""
         if self.actors:
-            return 0.0
+            return
         cfg = self.cfg
-        t0 = time.time()
         options: dict[str, Any] = {"num_cpus": cfg.eval.cpus_per_actor,
                                    "max_restarts": max(0, cfg.resources.eval_max_failures), "max_task_retries": 0}
         if cfg.eval.gpus_per_actor:
@@ -152,9 +152,17 @@ class InferencePool:
                                         # as many torch threads as reserved CPUs: it may run beside a Train worker
                                         max(1, int(cfg.eval.cpus_per_actor)), cfg.resources.feature_cache_mb)
                        for _ in range(cfg.eval.concurrency)]
+        self.ready = False
+
+    def _start(self) -> float:
+        """Seconds this call waited for the actors to be up (0 once they are)."""
+        if self.actors and self.ready:
+            return 0.0
+        t0 = time.time()
+        self.warm()
         ray.get([a.info.remote() for a in self.actors])
-        self.started_s = time.time() - t0
-        return self.started_s
+        self.ready = True
+        return time.time() - t0
 
     def predict(self, dataset: "ray.data.Dataset", state: str | None) -> dict[str, Any]:
         """Every row of ``dataset`` predicted once; returns {"rows", "timing"} (timing per actor)."""
@@ -178,6 +186,7 @@ class InferencePool:
                                        ) from exc
                 self.log(f"an inference actor died ({type(exc).__name__}); Ray restarts it and the stage "
                          f"predicts its tasks again ({failures}/{self.cfg.resources.eval_max_failures})")
+                self.ready = False
         rows = [r for out in outs for r in out["rows"]]
         timing = {"actor_start_s": start_s, "actors": [out["timing"] for out in outs]}
         return {"rows": rows, "timing": timing}
@@ -188,7 +197,7 @@ class InferencePool:
                 ray.kill(a)
             except Exception:  # noqa: BLE001 - Ray already gone: nothing left to stop
                 pass
-        self.actors = []
+        self.actors, self.ready = [], False
 
 
 def as_prediction_record(r: dict[str, Any]) -> str:

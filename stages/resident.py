@@ -166,9 +166,12 @@ class ResidentTrainer:
         except BaseException as e:  # noqa: BLE001 - re-raised on the stage's thread
             self.error = e
 
-    def run(self, job: TrainJob, base: BaseModels, on_progress: Callable[[list[dict]], None] | None = None
-            ) -> dict[str, Any]:
+    def run(self, job: TrainJob, base: BaseModels, on_progress: Callable[[list[dict]], None] | None = None,
+            shards: list | None = None) -> dict[str, Any]:
+        """``shards``: the job's decoded training data, one Dataset per worker (None: the
+        dataset named after the job, which Ray Train streams to the workers)."""
         config = worker_job(self.cfg, job, base)
+        config.shards = shards
         config.fit_started = time.time()
         tail = JsonlTail(job.stage_dir / PROGRESS_FILE, on_progress)
         t0 = time.time()

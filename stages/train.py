@@ -238,7 +238,8 @@ def _start_resident(ctx, first) -> None:
     """One worker group for this train stage and every later one (all pending on a resume)."""
     from stages.resident import ResidentTrainer
 
-    ctx.resident_data = {}
+    ctx.resident_data, ctx.train_ahead = {}, {}
+    streamed = {}
     for s in ctx.stages:
         if s.kind == "train" and s.task_index >= first.task_index:
             try:
@@ -246,9 +247,45 @@ def _start_resident(ctx, first) -> None:
             except Exception as e:  # noqa: BLE001 - raised by that stage, when the run gets there
                 ctx.log(f"{s.id}: its training data cannot be read ({e}); that stage will fail")
                 ctx.resident_data[s.id] = e
-    datasets = {k: v[0] for k, v in ctx.resident_data.items() if not isinstance(v, Exception)}
-    ctx.resident = ResidentTrainer(ctx.cfg, datasets=datasets, storage=ctx.rundir.root / RAY_TRAIN_DIR, log=ctx.log)
-    ctx.log(f"resident Ray Train worker group {ctx.resident.name}: {len(ctx.resident_data)} train stage(s)")
+                continue
+            ds, n, _ = ctx.resident_data[s.id]
+            if ctx.reserve_decoded(n):
+                ctx.train_ahead[s.id] = None  # decoded ahead of its stage (``_decoded_ahead``)
+            else:
+                streamed[s.id] = ds  # Ray Train streams it to the workers (a split per worker)
+    ctx.resident = ResidentTrainer(ctx.cfg, datasets=streamed, storage=ctx.rundir.root / RAY_TRAIN_DIR, log=ctx.log)
+    ctx.log(f"resident Ray Train worker group {ctx.resident.name}: {len(ctx.resident_data)} train stage(s), "
+            f"{len(ctx.train_ahead)} decoded ahead of their stage")
+    _decode_ahead(ctx, first)
+
+
+_AHEAD = None  # one thread decodes the next stage's training data while a stage trains
+
+
+def _decode_ahead(ctx, stage) -> None:
+    """Start decoding ``stage``'s training data into Ray's object store, if it is decoded ahead."""
+    global _AHEAD
+    if stage is None or stage.id not in ctx.train_ahead or ctx.train_ahead[stage.id] is not None:
+        return
+    if _AHEAD is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _AHEAD = ThreadPoolExecutor(1, thread_name_prefix="train-data-ahead")
+    ds = ctx.resident_data[stage.id][0]
+    ctx.train_ahead[stage.id] = _AHEAD.submit(ds.materialize)
+
+
+def _shards(ctx, stage) -> list | None:
+    """The stage's decoded training data split per worker (None: Ray Train streams it), and
+    the next train stage's decoding started."""
+    if stage.id not in ctx.train_ahead:
+        return None
+    _decode_ahead(ctx, stage)
+    data = ctx.train_ahead[stage.id].result()
+    later = [s for s in ctx.stages if s.kind == "train" and s.task_index > stage.task_index]
+    _decode_ahead(ctx, later[0] if later else None)
+    workers = ctx.cfg.train.num_workers
+    return [data] if workers == 1 else data.split(workers, equal=True)
 
 
 def run(ctx, stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
@@ -259,6 +296,10 @@ def run(ctx, stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
         ctx.log(f"{stage.id}: {settings.describe(cfg.train.num_workers)}")
     ctx.tracker.log_params(run_id, {f"stage_train.{k}": str(v) for k, v in settings.to_dict().items()})
     index = ctx.stages.index(stage)
+    if ctx.inference_resident:
+        # the inference actors load the base models while this stage trains, not when the
+        # first evaluation needs them
+        ctx.inference_pool().warm()
     if ctx.resident_ok:
         if ctx.resident is None:
             _start_resident(ctx, stage)
@@ -284,7 +325,7 @@ def run(ctx, stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
                    replay_rows=stored)
     if ctx.resident_ok:
         try:
-            result = ctx.resident.run(job, ctx.base, on_progress)
+            result = ctx.resident.run(job, ctx.base, on_progress, shards=_shards(ctx, stage))
         finally:
             last = max(s.task_index for s in ctx.stages if s.kind == "train")
             if stage.task_index == last:  # free the workers' CPUs for the last evaluation

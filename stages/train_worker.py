@@ -51,6 +51,9 @@ class WorkerJob:
     tasks_done: list[int]  # task indices whose keys the final checkpoint lists
     replay_rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     fit_started: float = 0.0
+    # the decoded training data, one Dataset per worker (rank order); None: the Ray Train dataset
+    # shard named after the job
+    shards: list[Any] | None = None
 
 
 class _TrainCollate(NumpyBatchCollateFn):
@@ -199,7 +202,7 @@ def run_job(job: WorkerJob, *, t_enter: float, dataset_name: str, final_dir: str
     method.train()
     setup["deepspeed_init_s"] = time.time() - t0
 
-    shard = ray.train.get_dataset_shard(dataset_name)
+    shard = job.shards[rank] if job.shards else ray.train.get_dataset_shard(dataset_name)
     collate = _TrainCollate(lmm)
     progress_file = Path(job.progress_file) if rank == 0 else None
 
