@@ -135,6 +135,7 @@ def report(run_dir: Path, floor: float) -> None:
 def growth(args, out: Path) -> None:
     """Runs over 8, 16, 32 ... tasks; per-task wall time apart from the evaluation work."""
     from pipeline.config import COIN_TASKS
+    from pipeline.tasks import task_table
     from stages.common import synth_root
 
     lengths = [int(x) for x in args.growth.split(",")]
@@ -149,8 +150,9 @@ def growth(args, out: Path) -> None:
             continue
         name = f"{base}{i // len(COIN_TASKS) + 1}"
         names.append(name)
-        custom[name] = [f"data.custom_tasks.{name}.train={root}/{cfg.data.instructions}/{base}/train.json",
-                        f"data.custom_tasks.{name}.test={root}/{cfg.data.instructions}/{base}/test.json",
+        spec = task_table()[base]  # the benchmark's own files of that task (CoIN: TextVQA's test is val.json)
+        custom[name] = [f"data.custom_tasks.{name}.train={root}/{cfg.data.instructions}/{spec.train}",
+                        f"data.custom_tasks.{name}.test={root}/{cfg.data.instructions}/{spec.test}",
                         f"data.custom_tasks.{name}.image_root={root}/images",
                         f"data.custom_tasks.{name}.scorer={cfg.scorer_of(base)}"]
     # stages one at a time, so that a stage's wall time is its own (evaluate(t) overlapping
