@@ -154,13 +154,24 @@ class InferencePool:
                        for _ in range(cfg.eval.concurrency)]
         self.ready = False
 
-    def _start(self) -> float:
-        """Seconds this call waited for the actors to be up (0 once they are)."""
+    def _start(self, timeout: float = 600.0) -> float:
+        """Seconds this call waited for the actors to be up (0 once they are). An actor Ray is
+        restarting answers ``ActorUnavailableError`` until it is back: asked again each second;
+        one whose restarts are spent raises."""
+        from ray.exceptions import ActorUnavailableError
+
         if self.actors and self.ready:
             return 0.0
         t0 = time.time()
         self.warm()
-        ray.get([a.info.remote() for a in self.actors])
+        while True:
+            try:
+                ray.get([a.info.remote() for a in self.actors])
+                break
+            except ActorUnavailableError:
+                if time.time() - t0 > timeout:
+                    raise
+                time.sleep(1.0)
         self.ready = True
         return time.time() - t0
 
@@ -170,8 +181,8 @@ class InferencePool:
 
         failures = 0
         while True:
-            start_s = self._start()
             try:
+                start_s = self._start()
                 if len(self.actors) == 1:
                     outs = [ray.get(self.actors[0].predict.remote(dataset, state))]
                 else:
