@@ -44,13 +44,9 @@ def load(config: str | None, overrides: Iterable[str], method: str | None = None
 def ensure_data(cfg) -> None:
     """Generate CoIN-synth where the config reads it (reused when it exists)."""
     if cfg.data.source == "synth":
-        import dataclasses
+        from stages.data import generate_synth
 
-        from pipeline.data.synth import SynthSpec, generate_benchmark
-        from stages.common import synth_root
-
-        spec = SynthSpec(image_size=cfg.model.image_size, **dataclasses.asdict(cfg.data.synth))
-        generate_benchmark(Path(synth_root(cfg)), spec)
+        generate_synth(cfg)
 
 
 def base_models(cfg):

@@ -114,6 +114,16 @@ def fill_deepspeed_config(
     return cfg
 
 
+def peak_memory_gb(device: str) -> float:
+    """Peak memory of this process so far: allocated GPU memory on CUDA, else the resident set
+    size (Linux reports ``ru_maxrss`` in KB)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
 def cfg_from_payload(payload: dict[str, Any]) -> ExperimentConfig:
     return config_from_dict(payload)
 

@@ -33,6 +33,7 @@ class RunContext:
     # train stage id -> its training data being decoded ahead (a Future of the materialized
     # Dataset), for the resident worker group (stages/train.py)
     train_ahead: dict[str, Any] = field(default_factory=dict)
+    _ahead: Any = None  # the thread that decodes them (``ahead_executor``)
     # the evaluate stages' inference actors stay for the whole run (stages/inference.py)
     inference_resident: bool = False
     inference: Any = None
@@ -65,6 +66,14 @@ class RunContext:
 
             self.inference = InferencePool(self.cfg, self.base, resident=True, log=self.log)
         return self.inference
+
+    def ahead_executor(self) -> Any:
+        """One thread that decodes the next train stage's data while a stage trains."""
+        if self._ahead is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="train-data-ahead")
+        return self._ahead
 
     def reserve_decoded(self, rows: int) -> bool:
         """Whether ``rows`` more decoded images fit ``resources.materialize_mb`` (counted if so)."""

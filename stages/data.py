@@ -20,6 +20,15 @@ def run(ctx, stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
     return result
 
 
+def generate_synth(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Generate the configured CoIN-synth (reused where it exists); ``generate_benchmark``'s summary."""
+    from pipeline.data.synth import SynthSpec, generate_benchmark
+
+    # data.synth's fields are SynthSpec's (less image_size, which the model config decides)
+    spec = SynthSpec(image_size=cfg.model.image_size, **dataclasses.asdict(cfg.data.synth))
+    return generate_benchmark(Path(synth_root(cfg)), spec)
+
+
 def run_data_stage(cfg: ExperimentConfig, stage_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """Generate CoIN-synth if configured, then validate every (task, split) of the experiment.
 
@@ -29,11 +38,7 @@ def run_data_stage(cfg: ExperimentConfig, stage_dir: Path, log: Callable[[str], 
     """
     summary: dict[str, Any] = {}
     if cfg.data.source == "synth":
-        from pipeline.data.synth import SynthSpec, generate_benchmark
-
-        # data.synth's fields are SynthSpec's (less image_size, which the model config decides)
-        spec = SynthSpec(image_size=cfg.model.image_size, **dataclasses.asdict(cfg.data.synth))
-        gen = generate_benchmark(Path(synth_root(cfg)), spec)
+        gen = generate_synth(cfg)
         how = "reused" if gen["reused"] else f"generated in {gen['seconds']}s"
         log(f"  CoIN-synth at {gen['root']} ({how})")
         summary["synth"] = {k: gen[k] for k in ("root", "seconds", "reused", "chance", "answer_vocab")}

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 import ray
 
 from pipeline.config import ExperimentConfig, config_from_dict
-from stages.common import BaseModels, build_method_for, load_models, load_state
+from stages.common import BaseModels, build_method_for, load_models, load_state, peak_memory_gb
 
 
 class InferenceActor:
@@ -79,8 +79,6 @@ class InferenceActor:
             infer_s += time.time() - t1
             batches += 1
         self.stages += 1
-        from stages.train_worker import peak_memory_gb
-
         timing = {"state_load_s": load_s, "infer_s": infer_s, "batches": batches, "wall_s": time.time() - t0,
                   "stages_served": self.stages, "peak_mem_gb": peak_memory_gb(self.device)}
         if self.cache is not None:

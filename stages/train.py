@@ -259,20 +259,13 @@ def _start_resident(ctx, first) -> None:
     _decode_ahead(ctx, first)
 
 
-_AHEAD = None  # one thread decodes the next stage's training data while a stage trains
-
-
 def _decode_ahead(ctx, stage) -> None:
-    """Start decoding ``stage``'s training data into Ray's object store, if it is decoded ahead."""
-    global _AHEAD
+    """Start decoding ``stage``'s training data into Ray's object store (on the run's one
+    decode-ahead thread), if it is decoded ahead."""
     if stage is None or stage.id not in ctx.train_ahead or ctx.train_ahead[stage.id] is not None:
         return
-    if _AHEAD is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _AHEAD = ThreadPoolExecutor(1, thread_name_prefix="train-data-ahead")
     ds = ctx.resident_data[stage.id][0]
-    ctx.train_ahead[stage.id] = _AHEAD.submit(ds.materialize)
+    ctx.train_ahead[stage.id] = ctx.ahead_executor().submit(ds.materialize)
 
 
 def _shards(ctx, stage) -> list | None:

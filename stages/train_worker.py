@@ -28,7 +28,8 @@ from pipeline.config import StageTrain, config_from_dict
 from pipeline.methods.protocol import GradAccess, ReplayChannel
 from pipeline.training import FitJob, fit
 from stages.artifacts import META_FILE, STATE_FILE
-from stages.common import BaseModels, build_method_for, fill_deepspeed_config, load_models, load_state, save_state
+from stages.common import (BaseModels, build_method_for, fill_deepspeed_config, load_models, load_state,
+                           peak_memory_gb, save_state)
 
 
 @dataclass
@@ -150,16 +151,6 @@ def prepare_method(method, *, prev_state: str | Path | None, checkpoint_dir: Pat
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Per-stage worker group: train the one job in ``config`` on the dataset named "train"."""
     run_job(config["job"], t_enter=time.time(), dataset_name="train")
-
-
-def peak_memory_gb(device: str) -> float:
-    """Peak memory of this process so far: allocated GPU memory on CUDA, else the resident set
-    size (Linux reports ``ru_maxrss`` in KB)."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 1e9
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def run_job(job: WorkerJob, *, t_enter: float, dataset_name: str, final_dir: str | None = None) -> None:
