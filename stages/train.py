@@ -194,7 +194,9 @@ def train_data(ctx, stage) -> tuple[Any, int, list]:
         n += min(len(res.rows), cfg.data.max_train_per_task or len(res.rows))
     ds = datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
     if ctx.schedule.shuffle_union:
-        ds = ds.random_shuffle(seed=cfg.seed)  # interleave tasks for the joint bound
+        # interleave tasks for the joint bound; its tasks reserve what a decode task does: with the
+        # default 1 CPU they never start beside a Train worker and a warm inference actor on 2 CPUs
+        ds = ds.random_shuffle(seed=cfg.seed, num_cpus=cfg.resources.decode_cpus)
     return ds, n, loads
 
 

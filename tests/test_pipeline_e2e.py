@@ -205,6 +205,19 @@ def test_ewc_consolidates_in_the_train_stage_and_each_task_keeps_its_fisher(tmp_
     assert [len(r) for r in _results(out)["matrix"]] == [1, 2]
 
 
+def test_the_joint_bound_shuffles_its_data_beside_a_warm_inference_actor(tmp_path, cache_dir):
+    """The multi-task bound's data go through Ray Data's all-to-all shuffle while the inference
+    actor warms beside the Train worker. On 2 CPUs the shuffle's tasks must fit what is left: they
+    once asked for 1 CPU each, never started, and ``--method multitask`` hung."""
+    out = tmp_path / "joint"
+    proc = _run(out, cache_dir, "--method", "multitask", timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (train,) = [d for d in (out / "stages").glob("*-train-*")]
+    steps = [json.loads(x)["step"] for x in (train / "progress.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4  # 2 tasks x 32 rows at the global batch 16, one epoch
+    assert [len(r) for r in _results(out)["matrix"]] == [2]
+
+
 def test_bad_coin_records_stop_the_run_with_one_line_naming_file_record_and_field(tmp_path):
     from tests.helpers import FILES, write_coin_layout
 
