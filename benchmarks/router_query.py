@@ -40,14 +40,19 @@ def main() -> None:
 
     def pooled(rows: list[dict], how: str) -> torch.Tensor:
         batch = lmm.collate(rows_to_batch(rows), train=False)
+        if how == "input":  # every attended input embedding: image tokens (projected) and text
+            with torch.no_grad():
+                emb = lmm.embed(batch["input_ids"], batch["pixel_values"]).float()
+            keep = batch["attention_mask"].bool()
+            return emb.masked_fill(~keep.unsqueeze(-1), float("-inf")).max(dim=1).values
         tok, keep = instruction_tokens(lmm, batch, torch.device("cpu"))
-        if how == "max":  # what the router sees
+        if how == "max":  # what the router sees (query: instruction)
             return tok.masked_fill(~keep.unsqueeze(-1), float("-inf")).max(dim=1).values
         k = keep.unsqueeze(-1).float()
         return (tok * k).sum(1) / k.sum(1)
 
     columns = {}
-    for how in ("max", "mean"):
+    for how in ("max", "mean", "input"):
         cents, tests = [], []
         for task in cfg.tasks:
             cents.append(pooled(_common.rows(cfg, task, "train", args.train), how).mean(0))
@@ -57,10 +62,13 @@ def main() -> None:
         cos.fill_diagonal_(-1.0)
         acc = [((F.normalize(x, dim=1) @ c.T).argmax(1) == i).float().mean().item() for i, x in enumerate(tests)]
         columns[how] = (acc, cos.max(1).values.tolist())
-    body = [[task, f"{100 * columns['max'][0][i]:.0f}", f"{columns['max'][1][i]:.4f}",
-             f"{100 * columns['mean'][0][i]:.0f}", f"{columns['mean'][1][i]:.4f}"] for i, task in enumerate(cfg.tasks)]
-    print(_common.table(["task", "max-pool: nearest-centroid %", "max-pool: cos to nearest task",
-                         "mean-pool: nearest-centroid %", "mean-pool: cos to nearest task"], body))
+    body = [[task] + [x for how in ("max", "mean", "input")
+                      for x in (f"{100 * columns[how][0][i]:.0f}", f"{columns[how][1][i]:.4f}")]
+            for i, task in enumerate(cfg.tasks)]
+    print("instruction max: the max over the instruction's token embeddings (the router's input); instruction mean:\n"
+          "their mean; input max: the max over every attended input embedding, image tokens included.\n"
+          "%: nearest-centroid task accuracy on test samples; cos: cosine of the task's centroid to the nearest other one")
+    print(_common.table(["task", "instruction max %", "cos", "instruction mean %", "cos", "input max %", "cos"], body))
 
 
 if __name__ == "__main__":

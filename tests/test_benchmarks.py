@@ -63,7 +63,7 @@ def test_router_query_reports_every_task(tmp_path):
     instructions differ), while its centroids are near parallel (cosine above 0.9)."""
     out = _bench("benchmarks/router_query.py", "--train", "16", "--test", "32", f"cache_dir={tmp_path / 'cache'}",
                  "data.synth.test_per_task=32")
-    rows = re.findall(r"^(\w+)\s+(\d+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)$", out, re.M)
+    rows = re.findall(r"^(\w+)\s+(\d+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)$", out, re.M)
     assert [r[0] for r in rows] == ["ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCRVQA"]
     assert sum(int(r[1]) for r in rows) / 8 >= 50, out
     assert all(0.9 < float(r[2]) <= 1.0 for r in rows), out
