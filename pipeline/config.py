@@ -237,6 +237,10 @@ class ResourcesConfig:
     # run and kept in Ray's object store while they total at most this many MB; beyond it every
     # use streams and decodes them again (CoIN at 336 x 336: about 0.34 MB an image).
     materialize_mb: int = 128
+    # The isolation row's one-task runs (eval.isolation) side by side: as many as the cluster holds
+    # at once (each holds a run's Train workers, inference actors and a decode task), at most this
+    # many (0: no cap; 1: one after another, in the driver).
+    isolation_parallel: int = 0
 
 
 @dataclass
@@ -324,6 +328,8 @@ class ExperimentConfig:
             raise ConfigError("eval.batch_size and eval.concurrency must be >= 1")
         if not self.resources.decode_cpus > 0:
             raise ConfigError("resources.decode_cpus: must be > 0")
+        if self.resources.isolation_parallel < 0:
+            raise ConfigError("resources.isolation_parallel: must be >= 0 (0: as many as the cluster holds)")
         from pipeline.methods.registry import load_plugins, validate_method_options
 
         try:

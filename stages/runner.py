@@ -110,11 +110,19 @@ def init_ray(cfg: ExperimentConfig, stop_notice: str = RUN_STOP_NOTICE, verbose:
     ctx.enable_progress_bars = False
 
 
-def _fits_beside(cfg: ExperimentConfig, cluster: dict[str, float]) -> tuple[bool, str]:
-    """Whether the Train worker group, the inference actors and one decode task fit at once."""
+def _run_demand(cfg: ExperimentConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) a run holds at its busiest: the Train worker group, the inference actors and
+    one decode task at once."""
     tr, ev = cfg.train, cfg.eval
     cpus = tr.num_workers * tr.cpus_per_worker + ev.concurrency * ev.cpus_per_actor + cfg.resources.decode_cpus
     gpus = tr.num_workers * tr.gpus_per_worker + ev.concurrency * ev.gpus_per_actor
+    return cpus, gpus
+
+
+def _fits_beside(cfg: ExperimentConfig, cluster: dict[str, float]) -> tuple[bool, str]:
+    """Whether the Train worker group, the inference actors and one decode task fit at once."""
+    tr, ev = cfg.train, cfg.eval
+    cpus, gpus = _run_demand(cfg)
     have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     if cpus > have_cpu + 1e-9 or gpus > have_gpu + 1e-9:
         return False, (f"training ({tr.num_workers} x {tr.cpus_per_worker:g} CPU, {tr.gpus_per_worker:g} GPU) + "
@@ -161,6 +169,33 @@ def inference_plan(cfg: ExperimentConfig, cluster: dict[str, float], *, trial: b
         return False, "a sweep trial starts them per evaluate stage"
     ok, why = _fits_beside(cfg, cluster)
     return ok, (f"the base models load once per run ({why})" if ok else why)
+
+
+def isolation_plan(cfg: ExperimentConfig, cluster: dict[str, float]) -> tuple[int, str]:
+    """How many of the isolation row's one-task runs go side by side, and why: as many as the
+    cluster holds at once (each holds what a run holds at its busiest, ``_run_demand``), capped by
+    ``resources.isolation_parallel`` (0: no cap) and the number of tasks."""
+    n, cap = len(cfg.tasks), cfg.resources.isolation_parallel
+    cpus, gpus = _run_demand(cfg)
+    have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    fit = int((have_cpu + 1e-9) // cpus) if cpus > 0 else n
+    if gpus > 0:
+        fit = min(fit, int((have_gpu + 1e-9) // gpus))
+    k = max(1, min(n, fit, cap or n))
+    why = f"each holds {cpus:g} CPU / {gpus:g} GPU, the cluster has {have_cpu:g} / {have_gpu:g}"
+    if cap and cap < min(n, fit):
+        why += f"; resources.isolation_parallel={cap}"
+    return k, why
+
+
+class AloneRun:
+    """One task of the isolation row, run in its own Ray actor (0 CPU: its stages request what
+    they use), so that several go side by side. Returns the score and the run's progress lines."""
+
+    def run(self, raw: dict[str, Any], output: str, parent: str | None, verbose: bool) -> tuple[float, list[str]]:
+        lines: list[str] = []
+        sub = PipelineRun(config_from_dict(raw), Path(output), log=lines.append, mlflow_parent=parent, verbose=verbose)
+        return float(sub.run()["matrix"][0][0]), lines
 
 
 class PipelineRun:
@@ -257,22 +292,59 @@ class PipelineRun:
     def _isolation_row(self, tracker: Tracker, parent: str) -> list[float] | None:
         """A0 of FWT: each task trained alone from the base by the same method and evaluated on
         its own test set, a one-task run per task in ``<run dir>/isolation/<task>/`` (resumable,
-        tracked under this run in MLflow). One after another: each sub-run's stages already take
-        the resources this run's stages take."""
+        tracked under this run in MLflow). The tasks are independent: as many go side by side,
+        each in its own actor, as the cluster holds at once (``isolation_plan``); one at a time
+        they run in this process."""
         cfg = self.cfg
         if not schedule_for(self.schedule).is_continual():
             self.log(f"eval.isolation: {cfg.method.name} does not learn task after task; no isolation row")
             return None
-        row = []
-        for i, task in enumerate(cfg.tasks):
-            self.log(f"isolation row {i + 1}/{len(cfg.tasks)}: {task} trained alone from the base")
+        subs = []
+        for task in cfg.tasks:
             raw = cfg.to_dict()
             raw["tasks"], raw["eval"]["isolation"], raw["tracking"]["uri"] = [task], False, tracker.uri
-            sub = PipelineRun(config_from_dict(raw), self.rundir.root / "isolation" / task,
-                              log=lambda line, task=task: self.log(f"  [alone {task}] {line}"),
-                              mlflow_parent=parent, verbose=self.verbose)
-            row.append(float(sub.run()["matrix"][0][0]))
-        return row
+            subs.append((task, raw, self.rundir.root / "isolation" / task))
+        k, why = isolation_plan(cfg, ray.cluster_resources())
+        self.log(f"isolation row: {len(subs)} one-task run(s) from the base, {k} at a time ({why})")
+        if k == 1:
+            row = []
+            for i, (task, raw, out) in enumerate(subs):
+                self.log(f"isolation row {i + 1}/{len(subs)}: {task} trained alone from the base")
+                sub = PipelineRun(config_from_dict(raw), out, log=lambda line, task=task: self.log(f"  [alone {task}] {line}"),
+                                  mlflow_parent=parent, verbose=self.verbose)
+                row.append(float(sub.run()["matrix"][0][0]))
+            return row
+        return self._isolation_side_by_side(subs, k, parent)
+
+    def _isolation_side_by_side(self, subs: list[tuple[str, dict[str, Any], Path]], k: int, parent: str) -> list[float]:
+        """Up to ``k`` one-task runs at once, each in an ``AloneRun`` actor; a run's progress lines
+        are printed, prefixed with its task, when it ends. After a failure no new one starts, the
+        running ones finish (each is resumable on its own), then the first error is raised."""
+        host = ray.remote(num_cpus=0)(AloneRun)
+        queue, pending = list(enumerate(subs)), {}
+        row: list[float | None] = [None] * len(subs)
+        errors: list[tuple[str, BaseException]] = []
+        while pending or (queue and not errors):
+            while queue and not errors and len(pending) < k:
+                i, (task, raw, out) = queue.pop(0)
+                actor = host.remote()
+                pending[actor.run.remote(raw, str(out), parent, self.verbose)] = (i, task, actor)
+                self.log(f"isolation row {i + 1}/{len(subs)}: {task} trained alone from the base (started)")
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            i, task, actor = pending.pop(ref)
+            try:
+                row[i], lines = ray.get(ref)
+                for line in lines:
+                    self.log(f"  [alone {task}] {line}")
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the others finished
+                errors.append((task, exc))
+                self.log(f"  [alone {task}] failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            finally:
+                ray.kill(actor)
+        if errors:
+            task, exc = errors[0]
+            raise RuntimeError(f"isolation row: the one-task run of {task} failed (rerun the command to resume it)") from exc
+        return [float(v) for v in row]
 
     def _run_stage(self, stage: dagmod.Stage, stage_dir: Path, run_id: str) -> dict[str, Any]:
         return STAGE_KINDS[stage.kind].run(self.ctx, stage, stage_dir, run_id)

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from stages import dag
 from stages.rundir import RunDir
-from stages.runner import overlap_plan, resident_plan
+from stages.runner import isolation_plan, overlap_plan, resident_plan
 from stages.tracking import Tracker
 
 
@@ -193,6 +193,21 @@ def test_resident_plan_needs_the_same_room_and_a_sequential_run_outside_sweeps()
     assert not resident_plan(load_config(None, ["tasks=[ScienceQA]"]), {"CPU": 64.0}, "sequential", trial=False)[0]
     cfg = load_config(None, ["resources.resident_train=false"])
     assert resident_plan(cfg, {"CPU": 64.0}, "sequential", trial=False) == (False, "resources.resident_train is off")
+
+
+def test_isolation_plan_puts_side_by_side_what_the_cluster_holds():
+    cfg = load_config(None)  # each one-task run holds 1 (train) + 0.5 (eval actor) + 0.5 (decode) CPU
+    assert isolation_plan(cfg, {"CPU": 2.0})[0] == 1
+    assert isolation_plan(cfg, {"CPU": 7.9})[0] == 3
+    k, why = isolation_plan(cfg, {"CPU": 64.0})
+    assert k == 8 and "each holds 2 CPU / 0 GPU" in why  # never more than the tasks
+    k, why = isolation_plan(load_config(None, ["resources.isolation_parallel=2"]), {"CPU": 64.0})
+    assert k == 2 and "resources.isolation_parallel=2" in why
+    cfg = load_config(None, ["train.gpus_per_worker=1", "eval.gpus_per_actor=1"])
+    assert isolation_plan(cfg, {"CPU": 64.0, "GPU": 8.0})[0] == 4  # 2 GPUs each
+    assert isolation_plan(cfg, {"CPU": 64.0, "GPU": 1.0})[0] == 1  # one at a time even if none fits
+    with pytest.raises(ConfigError, match="isolation_parallel"):
+        load_config(None, ["resources.isolation_parallel=-1"])
 
 
 def _stop_during_next_train(tmp_path, stop: BaseException):

@@ -4,6 +4,7 @@ the directory's guard, and a real two-seed run with its nested MLflow runs)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -58,7 +59,9 @@ def test_two_seeds_run_as_one_experiment_with_nested_mlflow_runs(tmp_path) -> No
     from mlflow.tracking import MlflowClient
 
     out, cache = tmp_path / "exp", tmp_path / "cache"
-    args = ["--seeds", "0,1", "tasks=[ScienceQA,ImageNet]", "train.epochs=0.5", "eval.isolation=true"]
+    # 4 logical CPUs hold two one-task runs (2 CPUs each): the isolation row runs them side by side
+    args = ["--seeds", "0,1", "tasks=[ScienceQA,ImageNet]", "train.epochs=0.5", "eval.isolation=true",
+            "resources.num_cpus=4"]
     proc = run_pipeline(out, cache, *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     summary = json.loads((out / "seeds_summary.json").read_text())
@@ -101,3 +104,10 @@ def test_two_seeds_run_as_one_experiment_with_nested_mlflow_runs(tmp_path) -> No
     one_task = len(json.loads((out / "seed-0" / "isolation" / "ScienceQA" / "results.json").read_text())["stage_wall_s"])
     assert len(stage_lines) == 2 * (len(per_seed[0]["stage_wall_s"]) + 2 * one_task)
     assert all(ln.endswith("complete (outputs verified), skipped") for ln in stage_lines), stage_lines
+    assert "isolation row: 2 one-task run(s) from the base, 2 at a time" in proc.stdout
+    # a one-task run gives the same score side by side as alone in the driver (resources.* change no result)
+    shutil.rmtree(out / "seed-0" / "isolation" / "ImageNet")
+    one = run_pipeline(out, cache, *args, "resources.isolation_parallel=1")
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-5000:]
+    assert "1 at a time" in one.stdout and "[alone ImageNet] [3/5] 02-train-ImageNet: done" in one.stdout
+    assert json.loads((out / "seed-0" / "results.json").read_text())["isolation"] == per_seed[0]["isolation"]
