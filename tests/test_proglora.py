@@ -201,3 +201,20 @@ def test_prepare_embeds_the_tasks_images_instructions_and_answers() -> None:
         answer = F.normalize(guide.encode_text(lmm.guide_inputs.tokenize([TOY_TASKS["task_a"][1]])).float(), dim=-1)[0]
     assert torch.allclose(e[0], image, atol=1e-5) and torch.allclose(e[1], question, atol=1e-5)
     assert torch.allclose(e[2], answer, atol=1e-5)  # the answer text, decoded from the labels
+
+
+def test_query_pool_mean_averages_the_instruction_tokens_and_max_takes_their_max() -> None:
+    from pipeline.methods.helpers import instruction_tokens
+    from pipeline.models.lmm import rows_to_batch
+
+    for pool in ("max", "mean"):
+        method, lmm = _build(query_pool=pool)
+        batch = lmm.collate(rows_to_batch(toy_rows("task_a", 3)), train=True)
+        tok, keep = instruction_tokens(lmm, batch, torch.device("cpu"))
+        got = method.query_features(batch)
+        for i in range(3):
+            rows = tok[i][keep[i]]  # this sample's instruction tokens only
+            want = rows.mean(0) if pool == "mean" else rows.max(0).values
+            assert torch.allclose(got[i], want, atol=1e-6), pool
+    with pytest.raises(ValueError, match="query_pool"):
+        _build(query_pool="sum")

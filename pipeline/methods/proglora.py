@@ -41,6 +41,10 @@ Choices the paper leaves open (options in ``ProgLoRAOptions``):
   is evaluated with, so the recall keeps the shared projector right for that task
   (``recall_block: own``); ``current`` uses the task being learned.
 * The router's hidden width d_p (W1: d_p x d_llm) is not given; default 256.
+* The pooling of the router's input: max, as the paper says (``query_pool: max``). Where the
+  tasks' instructions share most of their tokens, as CoIN-synth's do, the max-pooled inputs are
+  nearly parallel across tasks (``benchmarks/router_query.py``: cosine 0.98-0.998) and the router
+  gives every sample the same weights; ``query_pool: mean`` is the alternative.
 * Keys: each block's key trains with its block and is then frozen with it.
 * The KL direction: KL(w_p || w_hat), the direction that stays finite with zero-padded w_p;
   each recall step takes ``recall_batch`` stored samples of every earlier task, cycling.
@@ -84,6 +88,7 @@ class ProgLoRAOptions:
     router_hidden: int = 256  # dynamic: d_p
     train_projector: bool = True
     recall_block: str = "own"  # static: "own" | "current"
+    query_pool: str = "max"  # dynamic: how the instruction's token embeddings pool into Eq. 5's x: max | mean
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -95,6 +100,8 @@ class ProgLoRAOptions:
             raise ValueError(f"proglora: recall_weight must be >= 0 (got {self.recall_weight})")
         if self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"proglora: temperature must be > 0 (got {self.temperature})")
+        if self.query_pool not in ("max", "mean"):
+            raise ValueError(f"proglora: query_pool must be 'max' or 'mean' (got {self.query_pool!r})")
         if self.recall_block not in RECALL_BLOCKS:
             raise ValueError(f"proglora: recall_block must be one of {RECALL_BLOCKS} (got {self.recall_block!r})")
         if self.alpha is None:
@@ -297,9 +304,12 @@ class ProgLoRA(MethodBase):
             return self.lmm.embed(batch["input_ids"], batch["pixel_values"])
 
     def query_features(self, batch: dict[str, Any]) -> torch.Tensor:
-        """(B, d_llm): the max over the instruction tokens of the LLM's token embeddings (no image
-        tokens, no padding, no answer tokens), the input of Eq. 5."""
+        """(B, d_llm): the max (``query_pool: mean``: the mean) over the instruction tokens of the
+        LLM's token embeddings (no image tokens, no padding, no answer tokens), the input of Eq. 5."""
         tok, keep = instruction_tokens(self.lmm, batch, self._device)
+        if self.opts.query_pool == "mean":
+            k = keep.unsqueeze(-1).to(tok.dtype)
+            return (tok * k).sum(dim=1) / k.sum(dim=1).clamp(min=1.0)
         tok = tok.masked_fill(~keep.unsqueeze(-1), float("-inf"))
         return tok.max(dim=1).values
 
