@@ -188,14 +188,20 @@ def isolation_plan(cfg: ExperimentConfig, cluster: dict[str, float]) -> tuple[in
     return k, why
 
 
+def run_alone(raw: dict[str, Any], output: str | Path, parent: str | None, verbose: bool,
+              log: Callable[[str], None]) -> float:
+    """One task of the isolation row: its one-task run (resumable in ``output``), its score."""
+    sub = PipelineRun(config_from_dict(raw), Path(output), log=log, mlflow_parent=parent, verbose=verbose)
+    return float(sub.run()["matrix"][0][0])
+
+
 class AloneRun:
-    """One task of the isolation row, run in its own Ray actor (0 CPU: its stages request what
-    they use), so that several go side by side. Returns the score and the run's progress lines."""
+    """``run_alone`` in its own Ray actor (0 CPU: its stages request what they use), so that
+    several go side by side. Returns the score and the run's progress lines."""
 
     def run(self, raw: dict[str, Any], output: str, parent: str | None, verbose: bool) -> tuple[float, list[str]]:
         lines: list[str] = []
-        sub = PipelineRun(config_from_dict(raw), Path(output), log=lines.append, mlflow_parent=parent, verbose=verbose)
-        return float(sub.run()["matrix"][0][0]), lines
+        return run_alone(raw, output, parent, verbose, lines.append), lines
 
 
 class PipelineRun:
@@ -310,9 +316,8 @@ class PipelineRun:
             row = []
             for i, (task, raw, out) in enumerate(subs):
                 self.log(f"isolation row {i + 1}/{len(subs)}: {task} trained alone from the base")
-                sub = PipelineRun(config_from_dict(raw), out, log=lambda line, task=task: self.log(f"  [alone {task}] {line}"),
-                                  mlflow_parent=parent, verbose=self.verbose)
-                row.append(float(sub.run()["matrix"][0][0]))
+                row.append(run_alone(raw, out, parent, self.verbose,
+                                     lambda line, task=task: self.log(f"  [alone {task}] {line}")))
             return row
         return self._isolation_side_by_side(subs, k, parent)
 
