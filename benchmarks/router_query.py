@@ -1,7 +1,7 @@
 """How far apart the tasks are in the input of ProgLoRA's dynamic router (Eq. 5).
 
 The router sees, per sample, the max over the instruction's tokens of the frozen LLM's token
-embeddings (``ProgLoRA.query_features``). For each task this prints the nearest-centroid task
+embeddings (``ProgLoRA.query_features``, which this calls). For each task this prints the nearest-centroid task
 accuracy of that input (centroids from training samples, scored on test samples) and the cosine
 of its centroid to the nearest other task's centroid, beside the same for the mean over tokens.
 When the centroids are nearly parallel, the router has to amplify small differences before its
@@ -29,13 +29,16 @@ def main() -> None:
     args = ap.parse_args()
     cfg = _common.load(args.config, args.overrides)
     _common.ensure_data(cfg)
+    import dataclasses
+
     import torch
     import torch.nn.functional as F
 
-    from pipeline.methods.helpers import instruction_tokens
+    from pipeline.methods.registry import build_method
     from pipeline.models.lmm import rows_to_batch
 
-    lmm, _ = _common.models(cfg)
+    lmm, guide = _common.models(cfg)
+    router = build_method("proglora", {}, lmm, guide)  # its query_features is the router's input
     print(_common.machine())
 
     def pooled(rows: list[dict], how: str) -> torch.Tensor:
@@ -45,11 +48,8 @@ def main() -> None:
                 emb = lmm.embed(batch["input_ids"], batch["pixel_values"]).float()
             keep = batch["attention_mask"].bool()
             return emb.masked_fill(~keep.unsqueeze(-1), float("-inf")).max(dim=1).values
-        tok, keep = instruction_tokens(lmm, batch, torch.device("cpu"))
-        if how == "max":  # what the router sees (query: instruction)
-            return tok.masked_fill(~keep.unsqueeze(-1), float("-inf")).max(dim=1).values
-        k = keep.unsqueeze(-1).float()
-        return (tok * k).sum(1) / k.sum(1)
+        router.opts = dataclasses.replace(router.opts, query_pool=how)  # max (the paper's) or mean
+        return router.query_features(batch)
 
     columns = {}
     for how in ("max", "mean", "input"):

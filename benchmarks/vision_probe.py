@@ -62,7 +62,8 @@ def main() -> None:
                 out.append(lmm.vision_features(batch["pixel_values"]).float())
         return torch.cat(out)  # (N, tokens, width)
 
-    def fit(xtr, ytr, xte, yte, classes: int) -> tuple[float, float]:
+    def fit(xtr, ytr, xte, yte, classes: int) -> float:
+        """Test accuracy of a linear classifier trained on standardised features."""
         mu, sd = xtr.mean(0), xtr.std(0) + 1e-5
         xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
         lin = torch.nn.Linear(xtr.shape[1], classes)
@@ -72,8 +73,7 @@ def main() -> None:
             torch.nn.functional.cross_entropy(lin(xtr), ytr).backward()
             opt.step()
         with torch.no_grad():
-            return ((lin(xtr).argmax(1) == ytr).float().mean().item(),
-                    (lin(xte).argmax(1) == yte).float().mean().item())
+            return (lin(xte).argmax(1) == yte).float().mean().item()
 
     body = []
     for label, task, asks in PROBES:
@@ -87,8 +87,8 @@ def main() -> None:
         yte = torch.tensor([index[answer(r)] for r in te])
         ftr, fte = features(tr), features(te)
         majority = max((yte == c).float().mean().item() for c in range(len(names)))
-        _, tokens = fit(ftr.flatten(1), ytr, fte.flatten(1), yte, len(names))
-        _, pooled = fit(ftr.mean(1), ytr, fte.mean(1), yte, len(names))
+        tokens = fit(ftr.flatten(1), ytr, fte.flatten(1), yte, len(names))
+        pooled = fit(ftr.mean(1), ytr, fte.mean(1), yte, len(names))
         body.append([label, task, f"{len(tr)}/{len(te)}", len(names), f"{100 / len(names):.1f}",
                      f"{100 * majority:.1f}", f"{100 * tokens:.1f}", f"{100 * pooled:.1f}"])
     print(_common.table(["skill", "task", "train/test", "classes", "chance %", "majority %",
